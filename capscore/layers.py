@@ -1,0 +1,72 @@
+"""Capsule layers: squash, PrimaryCapsules and the class-capsule layer.
+
+Shape legend: B batch, C channels, H/W grid, T primary capsule types, P primary pose dim,
+I input capsules (= T * H * W), J class capsules, D class pose dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """v = |s|^2 / (1 + |s|^2) * s / |s|  (paper eq. 1): keeps direction, length in [0, 1).
+
+    Written as s * |s| / (1 + |s|^2) with |s| clamped away from zero, so the value and the
+    gradient at s = 0 are exactly 0 and finite (the true limits), without an epsilon that would
+    bias short vectors. Computed in float32 at least, since fp16 underflows |s|^2 for short s.
+    """
+    s32 = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+    sq = s32.pow(2).sum(dim=dim, keepdim=True)
+    norm = sq.clamp_min(torch.finfo(s32.dtype).tiny).sqrt()
+    return (s32 * (norm / (1.0 + sq))).to(s.dtype)
+
+
+class PrimaryCapsules(nn.Module):
+    """A convolution whose output channels are grouped into T capsule types of P dimensions.
+
+    A capsule is the P channels of one type at one grid position, so the channel axis is
+    split as (T, P) and moved next to the grid *before* flattening; flattening the raw
+    [B, C, H, W] tensor in memory order would mix positions into one capsule.
+    """
+
+    def __init__(self, in_channels: int, types: int, dim: int, kernel: int, stride: int):
+        super().__init__()
+        self.types, self.dim = types, dim
+        self.conv = nn.Conv2d(in_channels, types * dim, kernel_size=kernel, stride=stride)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x_BCHW)
+        B, _, H, W = y.shape
+        y_BTPHW = y.view(B, self.types, self.dim, H, W)
+        u_BIP = y_BTPHW.permute(0, 1, 3, 4, 2).reshape(B, self.types * H * W, self.dim)
+        return squash(u_BIP)
+
+
+class ClassCapsules(nn.Module):
+    """Prediction vectors u_hat_{j|i} = W_ij u_i, then routing to J class capsules.
+
+    W has one P x D matrix per (i, j). u_hat is one batched matmul over I,
+    [I, B, P] @ [I, P, J*D], so neither the input is tiled J times nor W copied per sample.
+    """
+
+    def __init__(self, num_in: int, in_dim: int, num_out: int, out_dim: int, *,
+                 routing, iterations: int, detach_inner: bool = False, bias: bool = False,
+                 init_std: float = 0.01):
+        super().__init__()
+        self.num_out, self.out_dim = num_out, out_dim
+        self.routing, self.iterations, self.detach_inner = routing, iterations, detach_inner
+        self.weight_IPK = nn.Parameter(torch.randn(num_in, in_dim, num_out * out_dim) * init_std)
+        self.bias_JD = nn.Parameter(torch.zeros(num_out, out_dim)) if bias else None
+
+    def predictions(self, u_BIP: torch.Tensor) -> torch.Tensor:
+        """u_hat [B, I, J, D] (a permuted view of the bmm result; routing reads it as is)."""
+        B, I, _ = u_BIP.shape
+        u_hat_IBK = torch.bmm(u_BIP.transpose(0, 1), self.weight_IPK)
+        return u_hat_IBK.view(I, B, self.num_out, self.out_dim).transpose(0, 1)
+
+    def forward(self, u_BIP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (v [B, J, D], c [B, I, J])."""
+        u_hat_BIJD = self.predictions(u_BIP)
+        return self.routing(u_hat_BIJD, self.iterations, self.detach_inner, self.bias_JD)

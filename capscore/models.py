@@ -1,0 +1,119 @@
+"""CapsNet and the paper's baseline CNN, behind one interface.
+
+Both models: ``forward(images, targets=None)`` returns an output whose ``scores`` [B, J] rank
+the classes, and ``loss(output, images, targets)`` returns ``LossParts`` (total + named parts).
+The pipeline trains and evaluates either without knowing which it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from capscore.config import BaselineCNNConfig, CapsNetConfig
+from capscore.decoder import Decoder, class_mask
+from capscore.layers import ClassCapsules, PrimaryCapsules
+from capscore.losses import LossParts, capsnet_loss, classification_loss
+from capscore.routing import ROUTINGS
+
+
+@dataclass
+class CapsNetOutput:
+    lengths: torch.Tensor
+    """[B, J] class capsule lengths: the probability that each class is present."""
+    poses: torch.Tensor
+    """[B, J, D] class capsule vectors v_j."""
+    reconstructions: torch.Tensor | None
+    """[B, C, H, W] decoder output (None when the config has no decoder)."""
+    coupling: torch.Tensor
+    """[B, I, J] final coupling coefficients c_ij."""
+
+    @property
+    def scores(self) -> torch.Tensor:
+        return self.lengths
+
+
+@dataclass
+class CNNOutput:
+    logits: torch.Tensor
+    """[B, J] class logits."""
+    reconstructions: None = None
+
+    @property
+    def scores(self) -> torch.Tensor:
+        return self.logits
+
+
+class CapsNet(nn.Module):
+    """conv1 (ReLU) -> PrimaryCaps (squash) -> routing -> class capsules -> masked decoder."""
+
+    def __init__(self, config: CapsNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.conv1 = nn.Conv2d(cfg.in_channels, cfg.conv1_channels, cfg.conv1_kernel)
+        self.primary = PrimaryCapsules(cfg.conv1_channels, cfg.primary_types, cfg.primary_dim,
+                                       cfg.primary_kernel, cfg.primary_stride)
+        self.classes = ClassCapsules(cfg.num_primary, cfg.primary_dim, cfg.num_classes,
+                                     cfg.class_dim, routing=ROUTINGS[cfg.routing],
+                                     iterations=cfg.routing_iterations,
+                                     detach_inner=cfg.detach_inner, bias=cfg.routing_bias,
+                                     init_std=cfg.weight_init_std)
+        image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        self.decoder = (Decoder(cfg.num_classes, cfg.class_dim, cfg.decoder_hidden, image_shape)
+                        if cfg.decoder else None)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> CapsNetOutput:
+        h = torch.relu(self.conv1(images))                     # [B, 256, 20, 20]
+        u_BIP = self.primary(h)                                # [B, 1152, 8]
+        v_BJD, c_BIJ = self.classes(u_BIP)                     # [B, 10, 16], [B, 1152, 10]
+        lengths_BJ = v_BJD.float().norm(dim=-1)                # [B, 10]
+        recon = None
+        if self.decoder is not None:
+            recon = self.decoder(v_BJD, class_mask(lengths_BJ, targets).to(v_BJD.dtype))
+        return CapsNetOutput(lengths=lengths_BJ, poses=v_BJD, reconstructions=recon, coupling=c_BIJ)
+
+    def loss(self, out: CapsNetOutput, images: torch.Tensor, targets: torch.Tensor) -> LossParts:
+        cfg = self.config
+        return capsnet_loss(out.lengths, out.reconstructions, images, targets, m_pos=cfg.m_pos,
+                            m_neg=cfg.m_neg, lam=cfg.margin_lambda,
+                            reconstruction_weight=cfg.reconstruction_weight)
+
+
+class BaselineCNN(nn.Module):
+    """The paper's baseline: 3 conv (5x5, same padding, ReLU), FC 328, FC 192, dropout, FC J."""
+
+    def __init__(self, config: BaselineCNNConfig):
+        super().__init__()
+        self.config = cfg = config
+        convs: list[nn.Module] = []
+        channels = [cfg.in_channels, *cfg.conv_channels]
+        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+            convs += [nn.Conv2d(c_in, c_out, cfg.conv_kernel, padding=cfg.conv_kernel // 2),
+                      nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*convs)
+        widths = [channels[-1] * cfg.image_size**2, *cfg.fc_hidden]
+        fcs: list[nn.Module] = []
+        for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
+            fcs += [nn.Linear(w_in, w_out), nn.ReLU(inplace=True)]
+        fcs += [nn.Dropout(cfg.dropout), nn.Linear(widths[-1], cfg.num_classes)]
+        self.classifier = nn.Sequential(*fcs)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> CNNOutput:
+        return CNNOutput(logits=self.classifier(self.features(images).flatten(1)))
+
+    def loss(self, out: CNNOutput, images: torch.Tensor, targets: torch.Tensor) -> LossParts:
+        return classification_loss(out.logits, targets)
+
+
+MODELS = {"capsnet": (CapsNet, CapsNetConfig), "cnn": (BaselineCNN, BaselineCNNConfig)}
+"""Model classes and their config classes by name (the pipeline's `model.type`)."""
+
+
+def build_model(kind: str, **config) -> nn.Module:
+    """Build a model by name from config keyword arguments (validated by its config class)."""
+    if kind not in MODELS:
+        raise ValueError(f"model type must be one of {sorted(MODELS)}, got {kind!r}")
+    model_cls, config_cls = MODELS[kind]
+    return model_cls(config_cls(**config))
