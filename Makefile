@@ -1,0 +1,50 @@
+# Capsule networks at cluster scale. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The torch build to install first. The pins are the wheels this project is tested with (they
+# install offline on our machines); elsewhere e.g. `make install TORCH_PKGS="torch torchvision"`.
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/mnist.yaml
+TUNE_CONFIG ?= configs/tune-mnist.yaml
+DATASET ?= auto
+PYTEST_ARGS ?=
+
+.PHONY: help install test test-fast lint format bench smoke train eval clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_PKGS)
+	$(PIP) install -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the project with its dev tools
+
+test: install  ## all test tiers this machine can run (unit, slow, ray; gpu when CUDA exists)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install  ## the fast unit tier only (seconds)
+	$(PY) -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
+
+lint: install  ## check style, lint and types (changes nothing)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check capscore
+	$(VENV)/bin/mypy capscore
+
+format: install  ## fix what ruff can fix
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format capscore
+
+bench: install  ## model train-step and data-loader benchmarks (see BENCHMARKS.md)
+	$(PY) bench/bench_model.py
+	$(PY) bench/bench_loader.py
+
+clean:  ## remove the venv and local outputs
+	rm -rf $(VENV) runs shards .pytest_cache

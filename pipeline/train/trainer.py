@@ -1,0 +1,126 @@
+"""Ray assembly: the run config -> a TorchTrainer (Ray Train V2) -> a summary.
+
+`build_trainer` is shared with Ray Tune: a Tune trial builds the same TorchTrainer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.train.loop import run_dir_for, run_local, train_loop
+from pipeline.train.outputs import read_metrics
+
+
+@dataclass
+class Summary:
+    name: str
+    run_dir: Path
+    epochs: int
+    best_test_accuracy: float
+    last_images_per_s: float
+    checkpoint: str | None = None
+
+    def line(self) -> str:
+        acc = self.best_test_accuracy
+        return (f"[capsnet] done: {self.name}: {self.epochs} epochs, best test accuracy "
+                f"{acc:.4f} (error {100 * (1 - acc):.2f}%), {self.last_images_per_s:.0f} img/s; "
+                f"outputs in {self.run_dir}")
+
+
+def storage_uri(storage: str) -> str:
+    """Ray wants an absolute local path or a URI."""
+    if "://" in storage and not storage.startswith("file://"):
+        return storage
+    return str(Path(storage.removeprefix("file://")).expanduser().resolve())
+
+
+def resolve_use_gpu(setting: bool | str) -> bool:
+    """auto: GPUs if the connected Ray cluster has any (or, before Ray starts, this machine)."""
+    if setting != "auto":
+        return bool(setting)
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.cluster_resources().get("GPU", 0) > 0
+    except ImportError:
+        pass
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_trainer(cfg: RunConfig, *, storage_path: str | None = None, name: str | None = None,
+                  config_dict: dict[str, Any] | None = None):
+    """The TorchTrainer for this run (used by `capsnet train` and by every Tune trial)."""
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = resolve_use_gpu(cfg.run.use_gpu)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=config_dict or cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        run_config=RayRunConfig(
+            name=name or cfg.run.name,
+            storage_path=storage_path or storage_uri(cfg.run.storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
+                                               checkpoint_score_attribute="test_accuracy",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+    )
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join RAY_ADDRESS's cluster if set, else start Ray embedded in this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    # Workers import `capscore` and `pipeline` from the driver's working tree when it is not
+    # installed on the cluster; `ray job submit --working-dir .` handles that on real clusters.
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def summarize(cfg: RunConfig) -> Summary:
+    run_dir = run_dir_for(cfg)
+    rows = read_metrics(run_dir)
+    best = max((r["test_accuracy"] for r in rows), default=float("nan"))
+    last = rows[-1] if rows else {}
+    ckpt = run_dir / "checkpoints" / "best" / "checkpoint.pt"
+    return Summary(name=cfg.run.name, run_dir=run_dir, epochs=int(last.get("epoch", 0)),
+                   best_test_accuracy=best, last_images_per_s=float(last.get("images_per_s", 0.0)),
+                   checkpoint=str(ckpt) if ckpt.is_file() else None)
+
+
+def train(cfg: RunConfig, *, local: bool = False) -> Summary:
+    """Run `capsnet train`: the TorchTrainer on Ray (default) or the same loop in-process."""
+    if local:
+        run_local(cfg.to_dict())
+        return summarize(cfg)
+    init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else _local_cpus(cfg))
+    result = build_trainer(cfg).fit()
+    if result.error is not None:
+        raise result.error
+    summary = summarize(cfg)
+    if result.metrics and summary.epochs == 0:  # remote storage: metrics came back via Ray only
+        summary.epochs = int(result.metrics.get("epoch", 0))
+        summary.best_test_accuracy = float(result.metrics.get("best_test_accuracy", float("nan")))
+        summary.last_images_per_s = float(result.metrics.get("images_per_s", 0.0))
+    return summary
+
+
+def _local_cpus(cfg: RunConfig) -> int:
+    """Enough CPUs for the requested workers, at least what the machine has."""
+    return max(os.cpu_count() or 1, cfg.run.num_workers * cfg.run.cpus_per_worker + 1)

@@ -1,0 +1,158 @@
+"""The worker loop without Ray: outputs, reproducibility, resume, non-finite loss, DDP maths."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from capscore import CapsNet, CapsNetConfig
+from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint
+from pipeline.train.loop import NonFiniteLossError, run_dir_for
+from pipeline.train.trainer import train
+
+
+def metrics_of(cfg):
+    return [json.loads(l) for l in (run_dir_for(cfg) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_local_run_writes_every_output(tiny_shards, tiny_config, tmp_path):
+    cfg = tiny_config(tiny_shards, tmp_path)
+    summary = train(cfg, local=True)
+    run_dir = run_dir_for(cfg)
+    rows = metrics_of(cfg)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(r["test_samples"] == 80 for r in rows)  # every test sample, exactly once
+    assert rows[0]["steps"] == 320 // 32
+    for key in ("train_margin", "train_reconstruction", "test_accuracy", "lr", "images_per_s",
+                "epoch_time_s", "test_margin", "test_reconstruction"):
+        assert key in rows[-1]
+    assert rows[-1]["lr"] < cfg.train.lr  # exponential decay applied per step
+    assert (run_dir / "reconstructions.png").stat().st_size > 1000
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last")  # weights_only=True inside
+    assert ckpt["next_epoch"] == 2 and ckpt["run_config"]["run"]["name"] == "tiny"
+    assert isinstance(model_from_checkpoint(ckpt), CapsNet)
+    assert (run_dir / "checkpoints" / "best" / "checkpoint.pt").is_file()
+    assert summary.epochs == 2 and summary.best_test_accuracy == max(r["test_accuracy"] for r in rows)
+    assert "best test accuracy" in summary.line()
+
+
+def test_learns_above_chance(tiny_shards, tiny_config, tmp_path):
+    # +-2 px shifts are harsh on 12x12 images, and the tiny net needs a larger W init to leave
+    # squash's flat region near zero quickly; both are test-size choices, not defaults
+    cfg = tiny_config(tiny_shards, tmp_path, "train.epochs=10", "train.lr=1e-2",
+                      "data.augment=false", "model.weight_init_std=0.5")
+    rows = (train(cfg, local=True), metrics_of(cfg))[1]
+    assert rows[-1]["test_accuracy"] > 0.5  # chance is 0.1
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_same_seed_same_run_and_resume_matches_uninterrupted(tiny_shards, tiny_config, tmp_path):
+    full = tiny_config(tiny_shards, tmp_path / "a")
+    train(full, local=True)
+    again = tiny_config(tiny_shards, tmp_path / "b")
+    train(again, local=True)
+    assert [r["train_loss"] for r in metrics_of(full)] == [r["train_loss"] for r in metrics_of(again)]
+    # stop after one epoch, then rerun the same command with the full epoch count
+    part = tiny_config(tiny_shards, tmp_path / "c", "train.epochs=1")
+    train(part, local=True)
+    resumed = tiny_config(tiny_shards, tmp_path / "c")
+    train(resumed, local=True)
+    assert [r["epoch"] for r in metrics_of(resumed)] == [1, 2]
+    w_full = load_checkpoint(run_dir_for(full) / "checkpoints" / "last")["model"]
+    w_resumed = load_checkpoint(run_dir_for(resumed) / "checkpoints" / "last")["model"]
+    for name in w_full:
+        torch.testing.assert_close(w_resumed[name], w_full[name], msg=name)
+
+
+def test_finished_run_is_not_retrained(tiny_shards, tiny_config, tmp_path):
+    cfg = tiny_config(tiny_shards, tmp_path, "train.epochs=1")
+    train(cfg, local=True)
+    before = (run_dir_for(cfg) / "metrics.jsonl").read_text()
+    summary = train(cfg, local=True)
+    assert (run_dir_for(cfg) / "metrics.jsonl").read_text() == before
+    assert summary.epochs == 1
+
+
+def test_resume_from_path(tiny_shards, tiny_config, tmp_path):
+    first = tiny_config(tiny_shards, tmp_path / "a", "train.epochs=1")
+    train(first, local=True)
+    ckpt = run_dir_for(first) / "checkpoints" / "last" / "checkpoint.pt"
+    second = tiny_config(tiny_shards, tmp_path / "b", f"run.resume_from={ckpt}")
+    train(second, local=True)
+    assert [r["epoch"] for r in metrics_of(second)] == [2]
+
+
+def test_cnn_trains_through_the_same_loop(tiny_shards, tiny_config, tmp_path):
+    cfg = tiny_config(tiny_shards, tmp_path, "train.epochs=1")
+    cfg.model = {"type": "cnn", "conv_channels": [4, 4, 4], "conv_kernel": 3, "fc_hidden": [8, 8]}
+    train(cfg, local=True)
+    row = metrics_of(cfg)[0]
+    assert "train_cross_entropy" in row and row["test_samples"] == 80
+
+
+def test_non_finite_loss_names_step_and_part(tiny_shards, tiny_config, tmp_path, monkeypatch):
+    original = CapsNet.loss
+    calls = {"n": 0}
+
+    def poisoned(self, out, images, targets):
+        loss = original(self, out, images, targets)
+        calls["n"] += 1
+        if calls["n"] == 5:  # global step 4, 0-based
+            loss.parts["reconstruction"] = loss.parts["reconstruction"] * float("nan")
+            loss.total = sum(loss.parts.values())
+        return loss
+
+    monkeypatch.setattr(CapsNet, "loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 4 .*'reconstruction'"):
+        train(tiny_config(tiny_shards, tmp_path), local=True)
+
+
+def _ddp_step(rank: int, world: int, port: int, images, targets, state, out_q) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = CapsNet(CapsNetConfig.tiny())
+    model.load_state_dict(state)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+    shard = slice(rank * len(images) // world, (rank + 1) * len(images) // world)
+    x, y = images[shard], targets[shard]
+    loss = model.loss(ddp(x, y), x, y)
+    loss.total.backward()
+    opt.step()
+    if rank == 0:
+        # numpy, not tensors: torch would share memory with a process that is about to exit
+        out_q.put({k: v.detach().numpy().copy() for k, v in model.state_dict().items()})
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_ddp_two_half_batches_equal_one_full_batch(world):
+    torch.manual_seed(0)
+    images, targets = torch.rand(8, 1, 12, 12), torch.randint(0, 10, (8,))
+    state = CapsNet(CapsNetConfig.tiny()).state_dict()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = 29500 + os.getpid() % 1000 + world
+    procs = [ctx.Process(target=_ddp_step, args=(r, world, port, images, targets, state, q))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    result = q.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    # reference: one plain process, the full batch
+    model = CapsNet(CapsNetConfig.tiny())
+    model.load_state_dict(state)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.loss(model(images, targets), images, targets).total.backward()
+    opt.step()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(torch.from_numpy(result[name]), value, rtol=1e-5, atol=1e-6, msg=name)
