@@ -72,9 +72,8 @@ def train_loop(config: dict[str, Any], context: WorkerContext | None = None) -> 
     scaler = torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None
 
     start_epoch, best_acc = 0, -1.0
-    ckpt_path = ctx.latest_checkpoint() or _resume_path(cfg)
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
+    ckpt_path, ckpt = _newest_checkpoint(ctx, run_dir, cfg)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -262,8 +261,23 @@ def _skipped(loader) -> int:
     return int(getattr(stats, "skipped_samples", 0))
 
 
-def _resume_path(cfg: RunConfig) -> Path | None:
-    return Path(cfg.run.resume_from).expanduser() if cfg.run.resume_from else None
+def _newest_checkpoint(ctx: WorkerContext, run_dir: Path, cfg: RunConfig):
+    """(path, checkpoint) to resume from, or (None, None) for a fresh run.
+
+    Ray's latest registered checkpoint, or the run folder's `last` copy if that is newer (a
+    worker that dies right after reporting can leave Ray without the newest one); only when
+    the run has neither, `run.resume_from`.
+    """
+    found = []
+    for path in (ctx.latest_checkpoint(), run_dir / "checkpoints" / "last" / "checkpoint.pt"):
+        if path is not None and path.is_file() and all(path != p for p, _ in found):
+            found.append((path, load_checkpoint(path)))
+    if found:
+        return max(found, key=lambda pc: pc[1]["next_epoch"])
+    if cfg.run.resume_from:
+        path = Path(cfg.run.resume_from).expanduser()
+        return path, load_checkpoint(path)
+    return None, None
 
 
 def _maybe_crash(cfg: RunConfig, epoch: int, rank0: bool) -> None:
