@@ -11,9 +11,13 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/mnist.yaml
 TUNE_CONFIG ?= configs/tune-mnist.yaml
 DATASET ?= auto
+DATA_DIR ?=
+CLOUD ?= aws
+ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-fast lint format bench smoke train eval clean
+.PHONY: help install test test-fast lint format bench smoke train tune eval clean \
+	train-cluster tune-cluster cluster-up cluster-down
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -45,6 +49,27 @@ format: install  ## fix what ruff can fix
 bench: install  ## model train-step and data-loader benchmarks (see BENCHMARKS.md)
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_loader.py
+
+smoke: install  ## the main job, small: shards -> Ray TorchTrainer (1 worker) -> eval -> accuracy check
+	$(VENV)/bin/capsnet smoke --dataset $(DATASET) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+train: install  ## train CONFIG on this machine (all local GPUs or CPUs; RAY_ADDRESS for a cluster)
+	$(VENV)/bin/capsnet train --config $(CONFIG) $(ARGS)
+
+tune: install  ## Ray Tune search TUNE_CONFIG on this machine (or RAY_ADDRESS)
+	$(VENV)/bin/capsnet tune --config $(TUNE_CONFIG) $(ARGS)
+
+train-cluster: install  ## submit `capsnet train --config CONFIG` as a Ray Job to RAY_ADDRESS, follow it
+	$(PY) -m pipeline.submit train --config $(CONFIG) $(ARGS)
+
+tune-cluster: install  ## submit `capsnet tune --config TUNE_CONFIG` as a Ray Job to RAY_ADDRESS
+	$(PY) -m pipeline.submit tune --config $(TUNE_CONFIG) $(ARGS)
+
+cluster-up: install  ## start a Ray cluster with the launcher: CLOUD=aws|gcp
+	$(VENV)/bin/ray up -y cluster/$(CLOUD).yaml
+
+cluster-down: install  ## tear the launcher cluster down: CLOUD=aws|gcp
+	$(VENV)/bin/ray down -y cluster/$(CLOUD).yaml
 
 clean:  ## remove the venv and local outputs
 	rm -rf $(VENV) runs shards .pytest_cache

@@ -46,9 +46,13 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_classes: 
              ) -> EvalResult:
     """Accuracy, summed loss parts and confusion matrix over this rank's share, then summed
     over ranks. The model sees no targets, so CapsNet's decoder is masked by its prediction."""
-    inner = getattr(model, "module", model)
-    was_training = model.training
-    model.eval()
+    # Forward through the plain module: ranks may run one eval batch more or less than each
+    # other, and the DDP wrapper's forward can issue collectives.
+    from pipeline.train.checkpoint import unwrap
+
+    inner = unwrap(model)
+    was_training = inner.training
+    inner.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     total = torch.zeros((), dtype=torch.long, device=device)
     sums: dict[str, torch.Tensor] = {}
@@ -56,7 +60,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_classes: 
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast or nullcontext():
-            out = model(images)
+            out = inner(images)
             loss = inner.loss(out, images, targets)
         B = images.shape[0]
         for name, value in loss.parts.items():
@@ -66,7 +70,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_classes: 
         if targets.dim() == 1:
             idx = targets * num_classes + out.scores.argmax(1)
             confusion += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
-    model.train(was_training)
+    inner.train(was_training)
     names = sorted(sums)
     if distributed:
         # One fixed-order vector, one collective. Every rank has at least one eval batch (the

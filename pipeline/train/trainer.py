@@ -106,6 +106,10 @@ def summarize(cfg: RunConfig) -> Summary:
 
 def train(cfg: RunConfig, *, local: bool = False) -> Summary:
     """Run `capsnet train`: the TorchTrainer on Ray (default) or the same loop in-process."""
+    cfg = with_absolute_paths(cfg)
+    from pipeline.data import load_dataset_info
+
+    load_dataset_info(cfg.data.shards)  # a missing/unreadable dataset fails before Ray starts
     if local:
         run_local(cfg.to_dict())
         return summarize(cfg)
@@ -119,6 +123,21 @@ def train(cfg: RunConfig, *, local: bool = False) -> Summary:
         summary.best_test_accuracy = float(result.metrics.get("best_test_accuracy", float("nan")))
         summary.last_images_per_s = float(result.metrics.get("images_per_s", 0.0))
     return summary
+
+
+def _absolute(path: str) -> str:
+    if not path or ("://" in path and not path.startswith("file://")):
+        return path
+    return str(Path(path.removeprefix("file://")).expanduser().resolve())
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Local paths resolved against the driver's working directory: Ray workers run elsewhere."""
+    raw = cfg.to_dict()
+    raw["data"]["shards"] = _absolute(cfg.data.shards)
+    raw["run"]["storage_path"] = _absolute(cfg.run.storage_path)
+    raw["run"]["resume_from"] = _absolute(cfg.run.resume_from)
+    return RunConfig.from_dict(raw)
 
 
 def _local_cpus(cfg: RunConfig) -> int:

@@ -1,0 +1,467 @@
+"""The streaming loader that training, evaluation and benchmarks share.
+
+Per epoch, `partition.plan_epoch` says which (shard, start, stop) slices each DataLoader
+worker of each rank reads; the worker streams them, shuffles through a buffer (training),
+decodes raw uint8 bytes, shifts each image by ±2 px (training) and yields whole batches.
+
+Equal batch counts survive bad data: in training a worker that lost samples to a corrupt
+shard pads its last batches with repeats of samples it already yielded (counted in
+`stats.padded`), because a rank that yields one batch fewer hangs every other rank in DDP.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data import urls
+from pipeline.data.augment import random_shift
+from pipeline.data.info import (
+    IMAGE_FIELD,
+    DataError,
+    DatasetInfo,
+    MissingDataError,
+    load_dataset_info,
+    sha256_of,
+)
+from pipeline.data.partition import PartitionError, ShardSlice, WorkerPlan, plan_epoch
+from pipeline.data.tario import TarFormatError, iter_samples
+
+log = logging.getLogger(__name__)
+Sample = tuple[bytes, Any]  # (raw image bytes, decoded label)
+_MAX_LOGGED = 10  # per worker: bad samples are counted always, logged only at first
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoaderConfig:
+    """How one rank reads one split."""
+
+    batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    """DataLoader worker processes; 0 reads in the calling process."""
+    epoch: int = 0
+    """With `seed`, fixes shard order, shuffle and augmentation: resuming replays an epoch."""
+    seed: int = 0
+    augment: bool = True
+    """Random ±max_shift px shift per sample; applied only when `training`."""
+    training: bool = True
+    """True: shuffled, equal full batches on every rank. False: every sample once, in order."""
+    shuffle_buffer: int = 2048
+    """Samples held per worker for shuffling (shards are globally pre-shuffled already)."""
+    max_shift: int = 2
+    on_error: Literal["skip", "raise"] = "skip"
+    """Corrupt shards and malformed samples: skip and count them, or raise."""
+    verify_checksums: bool = False
+    """Hash every shard of the split against dataset.json before reading (reads them all)."""
+    pin_memory: bool = False
+    prefetch_factor: int = 4
+    """Batches each worker prepares ahead (only with num_workers > 0)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}"
+            )
+        if (
+            self.num_workers < 0
+            or self.shuffle_buffer < 1
+            or self.max_shift < 0
+            or self.prefetch_factor < 1
+        ):
+            raise ValueError(
+                "num_workers, max_shift must be >= 0; shuffle_buffer, prefetch_factor >= 1"
+            )
+        if self.on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
+
+
+STAT_NAMES = (
+    "samples",
+    "batches",
+    "padded",
+    "skipped_bad_shape",
+    "skipped_bad_label",
+    "skipped_missing_field",
+    "lost_in_bad_shards",
+    "bad_shards",
+)
+
+
+@dataclass(frozen=True)
+class LoaderStats:
+    """What one rank's loader did this epoch so far (summed over its workers)."""
+
+    samples: int
+    """Good samples put into batches (repeats used as padding excluded)."""
+    batches: int
+    padded: int
+    """Repeats added in training to keep batch counts equal after losses."""
+    skipped_bad_shape: int
+    skipped_bad_label: int
+    skipped_missing_field: int
+    lost_in_bad_shards: int
+    """Samples never read because their shard was truncated, corrupt or could not be opened."""
+    bad_shards: int
+    """Shard slices whose reading failed."""
+
+    @property
+    def samples_skipped(self) -> int:
+        return (
+            self.skipped_bad_shape
+            + self.skipped_bad_label
+            + self.skipped_missing_field
+            + self.lost_in_bad_shards
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {
+            "samples_skipped": self.samples_skipped
+        }
+
+
+class _Counters:
+    """Shared-memory counters, so DataLoader worker processes report to the main process."""
+
+    def __init__(self) -> None:
+        self.array = multiprocessing.get_context().Array("q", len(STAT_NAMES))
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self.array.get_lock():
+            self.array[STAT_NAMES.index(name)] += n
+
+    def reset(self) -> None:
+        with self.array.get_lock():
+            self.array[:] = [0] * len(STAT_NAMES)
+
+    def snapshot(self) -> LoaderStats:
+        with self.array.get_lock():
+            return LoaderStats(*self.array[:])
+
+
+class ShardStream(IterableDataset):
+    """One rank's batches for one epoch; each DataLoader worker yields its planned share."""
+
+    def __init__(self, info: DatasetInfo, split: str, config: LoaderConfig, counters: _Counters):
+        self.info, self.split, self.config, self.counters = info, split, config, counters
+        self.urls = info.shard_urls(split)
+        self.shard_sizes = [s.num_samples for s in info.split(split).shards]
+        self.image_bytes = int(np.prod(info.image_shape))
+        self._logged = 0
+
+    def plan(self, worker: int = 0) -> WorkerPlan:
+        c = self.config
+        ranks = plan_epoch(
+            self.shard_sizes,
+            batch_size=c.batch_size,
+            world_size=c.world_size,
+            num_workers=c.num_workers,
+            epoch=c.epoch,
+            seed=c.seed,
+            training=c.training,
+        )
+        return ranks[c.rank].workers[worker]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker_info = get_worker_info()
+        worker = worker_info.id if worker_info is not None else 0
+        plan = self.plan(worker)
+        c = self.config
+        seed_words = [c.seed, c.epoch, c.rank, worker]
+        rand = random.Random(":".join(map(str, seed_words))).random
+        np_rng = np.random.default_rng(seed_words)
+        samples = self._read(plan.slices)
+        if c.training:
+            samples = _shuffled(samples, c.shuffle_buffer, rand)
+        yield from self._batches(samples, plan, rand, np_rng, worker)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _read(self, slices: tuple[ShardSlice, ...]) -> Iterator[Sample]:
+        for piece in slices:
+            yield from self._read_slice(self.urls[piece.shard], piece)
+
+    def _read_slice(self, url: str, piece: ShardSlice) -> Iterator[Sample]:
+        seen = 0
+        try:
+            stream = urls.open_stream(url)
+        except (OSError, ValueError) as err:
+            self._bad_shard(url, f"cannot open ({err})", piece.stop - piece.start)
+            return
+        finished = False
+        try:
+            for index, (key, sample_fields) in enumerate(iter_samples(urls.raw_reader(stream))):
+                if index < piece.start:
+                    continue
+                seen += 1
+                sample = self._decode(url, key, sample_fields)
+                if sample is not None:
+                    yield sample
+                if seen == piece.stop - piece.start:
+                    break
+            finished = True
+        except (TarFormatError, OSError) as err:
+            self._bad_shard(url, str(err), piece.stop - piece.start - seen)
+        finally:
+            _close_quietly(stream, expect_clean=finished and seen == piece.stop - piece.start)
+        if finished and seen < piece.stop - piece.start:
+            self._bad_shard(
+                url,
+                f"holds fewer samples than dataset.json says (ended at {piece.start + seen})",
+                piece.stop - piece.start - seen,
+            )
+
+    def _decode(self, url: str, key: str, sample_fields: dict[str, bytes]) -> Sample | None:
+        image = sample_fields.get(IMAGE_FIELD)
+        raw_label = sample_fields.get(self.info.label_field)
+        problem = self._problem(image, raw_label, sample_fields)
+        if problem is not None:
+            self._bad_sample(*problem, url, key)
+            return None
+        assert image is not None and raw_label is not None
+        return image, int(raw_label) if self.info.label_kind == "index" else raw_label
+
+    def _problem(
+        self, image: bytes | None, raw_label: bytes | None, sample_fields: dict[str, bytes]
+    ) -> tuple[str, str] | None:
+        """(stat name, detail) of what is wrong with a sample, or None."""
+        if image is None or raw_label is None:
+            return "skipped_missing_field", f"fields {sorted(sample_fields)}"
+        if len(image) != self.image_bytes:
+            shape = self.info.image_shape
+            return (
+                "skipped_bad_shape",
+                f"{len(image)} image bytes, expected {self.image_bytes} for {shape}",
+            )
+        if self.info.label_kind == "multi-hot":
+            if len(raw_label) != self.info.num_classes:
+                return "skipped_bad_label", f"{len(raw_label)} label bytes"
+            return None
+        try:
+            label = int(raw_label)
+        except ValueError:
+            label = -1
+        if not 0 <= label < self.info.num_classes:
+            return "skipped_bad_label", f"label {raw_label[:20]!r}"
+        return None
+
+    def _bad_sample(self, reason: str, detail: str, url: str, key: str) -> None:
+        message = f"{url}: sample {key!r}: {detail}"
+        if self.config.on_error == "raise":
+            raise DataError(message)
+        self.counters.add(reason)
+        if self._logged < _MAX_LOGGED:
+            self._logged += 1
+            log.warning("skipping %s", message)
+
+    def _bad_shard(self, url: str, detail: str, lost: int) -> None:
+        message = f"{url}: {detail}"
+        if self.config.on_error == "raise":
+            raise DataError(message)
+        self.counters.add("bad_shards")
+        self.counters.add("lost_in_bad_shards", lost)
+        log.warning("bad shard, %d sample(s) lost: %s", lost, message)
+
+    # --- batching --------------------------------------------------------------------------
+
+    def _batches(
+        self,
+        samples: Iterator[Sample],
+        plan: WorkerPlan,
+        rand: Any,
+        np_rng: np.random.Generator,
+        worker: int,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        bs = self.config.batch_size
+        batch: list[Sample] = []
+        emitted, last_full = 0, []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == bs:
+                yield self._collate(batch, np_rng, padded=0)
+                emitted, last_full, batch = emitted + 1, batch, []
+        if not self.config.training:
+            if batch:
+                yield self._collate(batch, np_rng, padded=0)
+            return
+        pool = last_full + batch
+        while emitted < plan.num_batches:
+            if not pool:
+                raise DataError(
+                    f"rank {self.config.rank} worker {worker}: no readable sample in its {len(plan.slices)} "
+                    f"slice(s) of split {self.split!r}, so it cannot yield its {plan.num_batches} batch(es)"
+                )
+            fill = [pool[int(rand() * len(pool))] for _ in range(bs - len(batch))]
+            yield self._collate(batch + fill, np_rng, padded=len(fill))
+            emitted, batch = emitted + 1, []
+
+    def _collate(
+        self, batch: list[Sample], np_rng: np.random.Generator, padded: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(batch)
+        # bytearray.join gives a writable buffer, so torch needs no extra copy or warning.
+        pixels = np.frombuffer(bytearray().join(image for image, _ in batch), dtype=np.uint8)
+        images_u8 = pixels.reshape(n, *self.info.image_shape)
+        if self.config.training and self.config.augment:
+            images_u8 = random_shift(images_u8, self.config.max_shift, np_rng)
+        images = torch.from_numpy(images_u8).to(torch.float32).div_(255.0)
+        if self.info.label_kind == "index":
+            labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
+        else:
+            hot = np.frombuffer(bytearray().join(label for _, label in batch), dtype=np.uint8)
+            labels = torch.from_numpy(hot.reshape(n, self.info.num_classes)).to(torch.float32)
+        with self.counters.array.get_lock():
+            self.counters.array[STAT_NAMES.index("samples")] += n - padded
+            self.counters.array[STAT_NAMES.index("batches")] += 1
+            self.counters.array[STAT_NAMES.index("padded")] += padded
+        return images, labels
+
+
+def _shuffled(items: Iterator[Sample], size: int, rand: Any) -> Iterator[Sample]:
+    """A shuffle buffer: emit a random held item each time a new one arrives."""
+    buffer: list[Sample] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rand() * size)
+        buffer[j], item = item, buffer[j]
+        yield item
+    # Drain in random order (Fisher-Yates with the same generator).
+    for i in range(len(buffer) - 1, 0, -1):
+        j = int(rand() * (i + 1))
+        buffer[i], buffer[j] = buffer[j], buffer[i]
+    yield from buffer
+
+
+def _close_quietly(stream: Any, expect_clean: bool) -> None:
+    # Stopping a pipe early kills its writer with SIGPIPE; that exit status is no error.
+    try:
+        stream.close()
+    except Exception as err:
+        if expect_clean:
+            log.debug("ignored error closing %s: %s", stream, err)
+        else:
+            raise
+
+
+class ShardLoader:
+    """Iterable of (images float32 [B,C,H,W] in [0,1], labels) for one rank and epoch."""
+
+    def __init__(self, info: DatasetInfo, split: str, config: LoaderConfig):
+        self.info, self.split, self.config = info, split, config
+        self._counters = _Counters()
+        self.dataset = ShardStream(info, split, config, self._counters)
+
+    def __len__(self) -> int:
+        """Batches this rank yields this epoch (identical on every rank when training)."""
+        return sum(self.dataset.plan(w).num_batches for w in range(max(self.config.num_workers, 1)))
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank reads this epoch (before any skips)."""
+        return sum(self.dataset.plan(w).num_samples for w in range(max(self.config.num_workers, 1)))
+
+    @property
+    def stats(self) -> LoaderStats:
+        """Counts for the current (or last) pass; reset when a new pass starts."""
+        return self._counters.snapshot()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read epoch `epoch` on the next pass (new shard order, shuffle and shifts)."""
+        self.config = replace(self.config, epoch=epoch)
+        self.dataset.config = self.config
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._counters.reset()
+        if self.config.num_workers == 0:
+            return iter(self.dataset)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,  # workers yield whole batches
+            num_workers=self.config.num_workers,
+            pin_memory=self.config.pin_memory,
+            prefetch_factor=self.config.prefetch_factor,
+        )
+        return iter(loader)
+
+
+def make_loader(
+    source: str | os.PathLike[str] | DatasetInfo,
+    split: str = "train",
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    epoch: int = 0,
+    seed: int = 0,
+    augment: bool = True,
+    training: bool = True,
+    shuffle_buffer: int = 2048,
+    on_error: Literal["skip", "raise"] = "skip",
+    verify_checksums: bool = False,
+    max_shift: int = 2,
+    pin_memory: bool = False,
+    prefetch_factor: int = 4,
+) -> ShardLoader:
+    """The loader for one rank of one split; fails here, not mid-epoch, on missing data."""
+    info = load_dataset_info(source)
+    config = LoaderConfig(
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        epoch=epoch,
+        seed=seed,
+        augment=augment,
+        training=training,
+        shuffle_buffer=shuffle_buffer,
+        max_shift=max_shift,
+        on_error=on_error,
+        verify_checksums=verify_checksums,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+    )
+    check_shards(info, split, verify_checksums=verify_checksums)
+    loader = ShardLoader(info, split, config)
+    try:
+        len(loader)  # runs the partition, which rejects a split too small for the ranks
+    except PartitionError as err:
+        raise DataError(f"{info.name} split {split!r} (world_size={world_size}): {err}") from err
+    return loader
+
+
+def check_shards(info: DatasetInfo, split: str, *, verify_checksums: bool = False) -> None:
+    """Every local shard of `split` exists (else one error naming all missing); optional sha256."""
+    shard_urls = info.shard_urls(split)
+    missing = [
+        u for u in shard_urls if (p := urls.local_path(u)) is not None and not os.path.isfile(p)
+    ]
+    if missing:
+        raise MissingDataError(
+            f"{info.name} split {split!r}: missing shard(s): {', '.join(missing)}"
+        )
+    if not verify_checksums:
+        return
+    bad = []
+    for url, shard in zip(shard_urls, info.split(split).shards, strict=True):
+        size, digest = sha256_of(url)
+        if (size, digest) != (shard.bytes, shard.sha256):
+            bad.append(
+                f"{url} ({size} bytes, sha256 {digest[:12]}…; expected {shard.bytes}, {shard.sha256[:12]}…)"
+            )
+    if bad:
+        raise DataError(f"{info.name} split {split!r}: checksum mismatch: " + "; ".join(bad))
