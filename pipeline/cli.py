@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from pipeline.data.info import DataError
 from pipeline.smoke import add_smoke_parser
-from pipeline.train.commands import add_eval_parser, add_train_parser
+from pipeline.train.commands import add_eval_parser, add_train_parser, add_tune_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shards(subparsers)
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
+    add_tune_parser(subparsers)
     add_smoke_parser(subparsers)
     return parser
 

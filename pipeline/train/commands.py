@@ -58,3 +58,25 @@ def _eval(args: argparse.Namespace) -> int:
     evaluate_checkpoint(args.checkpoint, args.shards, args.split, batch_size=args.batch_size,
                         device=args.device, num_workers=args.loader_workers, out_dir=args.out)
     return 0
+
+
+def add_tune_parser(sub: argparse._SubParsersAction) -> None:
+    from pipeline import tune
+
+    p = sub.add_parser("tune", help="Ray Tune search over routing iterations, lr, ... (ASHA)",
+                       description=tune.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="search config, e.g. configs/tune-mnist.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override of the base or the search, e.g. --set search.num_samples=16")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted search: finished trials are kept, unfinished resume")
+    p.set_defaults(func=_tune)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from pipeline.tune import load_tune_config, run_tune
+
+    tc = load_tune_config(args.config, args.overrides)  # errors surface before Ray starts
+    run_tune(tc, resume=args.resume)
+    return 0

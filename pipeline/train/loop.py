@@ -22,8 +22,13 @@ from capscore import MODELS
 from pipeline.config import RunConfig
 from pipeline.data import load_dataset_info, make_loader
 from pipeline.evaluate import evaluate
-from pipeline.train.checkpoint import (copy_checkpoint, load_checkpoint, save_checkpoint,
-                                       set_rng_state, unwrap)
+from pipeline.train.checkpoint import (
+    copy_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    unwrap,
+)
 from pipeline.train.context import LocalContext, RayContext, WorkerContext, limit_threads_to_env
 from pipeline.train.outputs import RunLog, save_reconstructions
 

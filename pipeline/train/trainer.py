@@ -55,7 +55,7 @@ def resolve_use_gpu(setting: bool | str) -> bool:
 
 
 def build_trainer(cfg: RunConfig, *, storage_path: str | None = None, name: str | None = None,
-                  config_dict: dict[str, Any] | None = None):
+                  config_dict: dict[str, Any] | None = None, callbacks: list | None = None):
     """The TorchTrainer for this run (used by `capsnet train` and by every Tune trial)."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -74,23 +74,30 @@ def build_trainer(cfg: RunConfig, *, storage_path: str | None = None, name: str 
                                                checkpoint_score_attribute="test_accuracy",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks,
         ),
     )
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join RAY_ADDRESS's cluster if set, else start Ray embedded in this process."""
+def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Join RAY_ADDRESS's cluster if set, else start Ray embedded in this process.
+
+    `dashboard=True` for Tune: Ray Train V2 frees the placement group of a trial that Tune
+    stops (ASHA) through the state API, which the dashboard serves; without it the resources
+    of stopped trials leak and later trials wait forever for CPUs/GPUs.
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    # Workers import `capscore` and `pipeline` from the driver's working tree when it is not
-    # installed on the cluster; `ray job submit --working-dir .` handles that on real clusters.
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # address="local": always a fresh embedded instance, never whatever cluster another
+        # `ray start` left on this machine (that is what RAY_ADDRESS is for). Loopback only.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
 def summarize(cfg: RunConfig) -> Summary:
