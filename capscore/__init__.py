@@ -11,8 +11,23 @@ from capscore.models import MODELS, BaselineCNN, CapsNet, CapsNetOutput, CNNOutp
 from capscore.routing import ROUTINGS, dynamic_routing
 
 __all__ = [
-    "MODELS", "ROUTINGS", "BaselineCNN", "BaselineCNNConfig", "CNNOutput", "CapsNet",
-    "CapsNetConfig", "CapsNetOutput", "ClassCapsules", "Decoder", "LossParts",
-    "PrimaryCapsules", "build_model", "capsnet_loss", "class_mask", "dynamic_routing",
-    "margin_loss", "reconstruction_loss", "squash",
+    "MODELS",
+    "ROUTINGS",
+    "BaselineCNN",
+    "BaselineCNNConfig",
+    "CNNOutput",
+    "CapsNet",
+    "CapsNetConfig",
+    "CapsNetOutput",
+    "ClassCapsules",
+    "Decoder",
+    "LossParts",
+    "PrimaryCapsules",
+    "build_model",
+    "capsnet_loss",
+    "class_mask",
+    "dynamic_routing",
+    "margin_loss",
+    "reconstruction_loss",
+    "squash",
 ]

@@ -21,7 +21,9 @@ def _check_positive(obj: object, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
+            raise ValueError(
+                f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}"
+            )
 
 
 def _check_non_negative(obj: object, names: tuple[str, ...]) -> None:
@@ -80,24 +82,42 @@ class CapsNetConfig:
 
     def __post_init__(self) -> None:
         self.decoder_hidden = tuple(self.decoder_hidden)
-        _check_positive(self, ("image_size", "in_channels", "conv1_channels", "conv1_kernel",
-                               "primary_types", "primary_dim", "primary_kernel",
-                               "primary_stride", "class_dim", "routing_iterations"))
+        _check_positive(
+            self,
+            (
+                "image_size",
+                "in_channels",
+                "conv1_channels",
+                "conv1_kernel",
+                "primary_types",
+                "primary_dim",
+                "primary_kernel",
+                "primary_stride",
+                "class_dim",
+                "routing_iterations",
+            ),
+        )
         if self.num_classes < 2:
             raise ValueError(f"CapsNetConfig.num_classes must be >= 2, got {self.num_classes!r}")
         if self.routing not in ("dynamic",):
             raise ValueError(f"CapsNetConfig.routing must be 'dynamic', got {self.routing!r}")
         if not self.decoder_hidden or any(int(h) < 1 for h in self.decoder_hidden):
-            raise ValueError(f"CapsNetConfig.decoder_hidden must be positive widths, got {self.decoder_hidden!r}")
-        _check_non_negative(self, ("weight_init_std", "m_neg", "margin_lambda",
-                                   "reconstruction_weight"))
+            raise ValueError(
+                f"CapsNetConfig.decoder_hidden must be positive widths, got {self.decoder_hidden!r}"
+            )
+        _check_non_negative(
+            self, ("weight_init_std", "m_neg", "margin_lambda", "reconstruction_weight")
+        )
         if not 0 <= self.m_neg < self.m_pos <= 1:
-            raise ValueError(f"CapsNetConfig.m_pos/m_neg need 0 <= m_neg < m_pos <= 1, got {self.m_pos}/{self.m_neg}")
+            raise ValueError(
+                f"CapsNetConfig.m_pos/m_neg need 0 <= m_neg < m_pos <= 1, got {self.m_pos}/{self.m_neg}"
+            )
         after_conv1 = _conv_out(self.image_size, self.conv1_kernel)
         if after_conv1 < self.primary_kernel:
             raise ValueError(
                 f"CapsNetConfig.image_size={self.image_size} is too small: conv1 (kernel "
-                f"{self.conv1_kernel}) leaves {after_conv1}px, less than primary_kernel={self.primary_kernel}")
+                f"{self.conv1_kernel}) leaves {after_conv1}px, less than primary_kernel={self.primary_kernel}"
+            )
 
     @property
     def primary_grid(self) -> int:
@@ -128,9 +148,17 @@ class CapsNetConfig:
     @classmethod
     def tiny(cls, **overrides) -> CapsNetConfig:
         """A few-thousand-parameter network on 12x12 inputs for tests and debugging."""
-        base = dict(image_size=12, conv1_channels=8, conv1_kernel=3, primary_types=4,
-                    primary_dim=4, primary_kernel=3, primary_stride=2, class_dim=6,
-                    decoder_hidden=(16, 32))
+        base = dict(
+            image_size=12,
+            conv1_channels=8,
+            conv1_kernel=3,
+            primary_types=4,
+            primary_dim=4,
+            primary_kernel=3,
+            primary_stride=2,
+            class_dim=6,
+            decoder_hidden=(16, 32),
+        )
         return cls(**{**base, **overrides})
 
 
@@ -158,13 +186,19 @@ class BaselineCNNConfig:
         self.fc_hidden = tuple(self.fc_hidden)
         _check_positive(self, ("image_size", "in_channels", "conv_kernel"))
         if self.num_classes < 2:
-            raise ValueError(f"BaselineCNNConfig.num_classes must be >= 2, got {self.num_classes!r}")
+            raise ValueError(
+                f"BaselineCNNConfig.num_classes must be >= 2, got {self.num_classes!r}"
+            )
         if self.conv_kernel % 2 == 0:
-            raise ValueError(f"BaselineCNNConfig.conv_kernel must be odd for same padding, got {self.conv_kernel}")
+            raise ValueError(
+                f"BaselineCNNConfig.conv_kernel must be odd for same padding, got {self.conv_kernel}"
+            )
         for name in ("conv_channels", "fc_hidden"):
             widths = getattr(self, name)
             if not widths or any(int(w) < 1 for w in widths):
-                raise ValueError(f"BaselineCNNConfig.{name} must be positive widths, got {widths!r}")
+                raise ValueError(
+                    f"BaselineCNNConfig.{name} must be positive widths, got {widths!r}"
+                )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"BaselineCNNConfig.dropout must be in [0, 1), got {self.dropout!r}")
 

@@ -14,7 +14,9 @@ def class_mask(lengths_BJ: torch.Tensor, targets: torch.Tensor | None) -> torch.
     used at test time, so test reconstructions show what the network believes.
     """
     if targets is None:
-        return nn.functional.one_hot(lengths_BJ.argmax(dim=1), lengths_BJ.shape[1]).to(lengths_BJ.dtype)
+        return nn.functional.one_hot(lengths_BJ.argmax(dim=1), lengths_BJ.shape[1]).to(
+            lengths_BJ.dtype
+        )
     if targets.dim() == 1:
         return nn.functional.one_hot(targets.long(), lengths_BJ.shape[1]).to(lengths_BJ.dtype)
     return targets.to(lengths_BJ.dtype)
@@ -23,8 +25,13 @@ def class_mask(lengths_BJ: torch.Tensor, targets: torch.Tensor | None) -> torch.
 class Decoder(nn.Module):
     """Fully connected J*D -> hidden (ReLU) ... -> C*H*W (sigmoid) from masked class capsules."""
 
-    def __init__(self, num_classes: int, class_dim: int, hidden: tuple[int, ...],
-                 image_shape: tuple[int, int, int]):
+    def __init__(
+        self,
+        num_classes: int,
+        class_dim: int,
+        hidden: tuple[int, ...],
+        image_shape: tuple[int, int, int],
+    ):
         super().__init__()
         self.image_shape = image_shape
         widths = [num_classes * class_dim, *hidden]

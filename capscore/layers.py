@@ -51,9 +51,19 @@ class ClassCapsules(nn.Module):
     [I, B, P] @ [I, P, J*D], so neither the input is tiled J times nor W copied per sample.
     """
 
-    def __init__(self, num_in: int, in_dim: int, num_out: int, out_dim: int, *,
-                 routing, iterations: int, detach_inner: bool = False, bias: bool = False,
-                 init_std: float = 0.01):
+    def __init__(
+        self,
+        num_in: int,
+        in_dim: int,
+        num_out: int,
+        out_dim: int,
+        *,
+        routing,
+        iterations: int,
+        detach_inner: bool = False,
+        bias: bool = False,
+        init_std: float = 0.01,
+    ):
         super().__init__()
         self.num_out, self.out_dim = num_out, out_dim
         self.routing, self.iterations, self.detach_inner = routing, iterations, detach_inner

@@ -27,12 +27,19 @@ def as_multi_hot(targets: torch.Tensor, num_classes: int, dtype: torch.dtype) ->
     if targets.dim() == 1:
         return F.one_hot(targets.long(), num_classes).to(dtype)
     if targets.shape[1] != num_classes:
-        raise ValueError(f"multi-hot targets have {targets.shape[1]} classes, expected {num_classes}")
+        raise ValueError(
+            f"multi-hot targets have {targets.shape[1]} classes, expected {num_classes}"
+        )
     return targets.to(dtype)
 
 
-def margin_loss(lengths: torch.Tensor, targets: torch.Tensor, m_pos: float = 0.9,
-                m_neg: float = 0.1, lam: float = 0.5) -> torch.Tensor:
+def margin_loss(
+    lengths: torch.Tensor,
+    targets: torch.Tensor,
+    m_pos: float = 0.9,
+    m_neg: float = 0.1,
+    lam: float = 0.5,
+) -> torch.Tensor:
     """L_k = T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2 (paper eq. 4).
 
     Summed over classes, averaged over the batch. Targets: indices [B] or multi-hot [B, J].
@@ -44,21 +51,31 @@ def margin_loss(lengths: torch.Tensor, targets: torch.Tensor, m_pos: float = 0.9
     return (present + absent).sum(dim=1).mean()
 
 
-def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor,
-                        weight: float = 0.0005) -> torch.Tensor:
+def reconstruction_loss(
+    reconstructions: torch.Tensor, images: torch.Tensor, weight: float = 0.0005
+) -> torch.Tensor:
     """weight * per-image SUM of squared errors, averaged over the batch (paper: 0.0005)."""
     sse_B = (reconstructions.float() - images.float()).pow(2).flatten(1).sum(dim=1)
     return weight * sse_B.mean()
 
 
-def capsnet_loss(lengths: torch.Tensor, reconstructions: torch.Tensor | None,
-                 images: torch.Tensor, targets: torch.Tensor, *, m_pos: float = 0.9,
-                 m_neg: float = 0.1, lam: float = 0.5, reconstruction_weight: float = 0.0005,
-                 ) -> LossParts:
+def capsnet_loss(
+    lengths: torch.Tensor,
+    reconstructions: torch.Tensor | None,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    m_pos: float = 0.9,
+    m_neg: float = 0.1,
+    lam: float = 0.5,
+    reconstruction_weight: float = 0.0005,
+) -> LossParts:
     """Margin loss + weighted reconstruction loss, with both parts kept for reporting."""
     parts = {"margin": margin_loss(lengths, targets, m_pos, m_neg, lam)}
     if reconstructions is not None:
-        parts["reconstruction"] = reconstruction_loss(reconstructions, images, reconstruction_weight)
+        parts["reconstruction"] = reconstruction_loss(
+            reconstructions, images, reconstruction_weight
+        )
     return LossParts(total=sum(parts.values()), parts=parts)  # type: ignore[arg-type]
 
 

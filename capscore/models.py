@@ -53,22 +53,36 @@ class CapsNet(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.conv1 = nn.Conv2d(cfg.in_channels, cfg.conv1_channels, cfg.conv1_kernel)
-        self.primary = PrimaryCapsules(cfg.conv1_channels, cfg.primary_types, cfg.primary_dim,
-                                       cfg.primary_kernel, cfg.primary_stride)
-        self.classes = ClassCapsules(cfg.num_primary, cfg.primary_dim, cfg.num_classes,
-                                     cfg.class_dim, routing=ROUTINGS[cfg.routing],
-                                     iterations=cfg.routing_iterations,
-                                     detach_inner=cfg.detach_inner, bias=cfg.routing_bias,
-                                     init_std=cfg.weight_init_std)
+        self.primary = PrimaryCapsules(
+            cfg.conv1_channels,
+            cfg.primary_types,
+            cfg.primary_dim,
+            cfg.primary_kernel,
+            cfg.primary_stride,
+        )
+        self.classes = ClassCapsules(
+            cfg.num_primary,
+            cfg.primary_dim,
+            cfg.num_classes,
+            cfg.class_dim,
+            routing=ROUTINGS[cfg.routing],
+            iterations=cfg.routing_iterations,
+            detach_inner=cfg.detach_inner,
+            bias=cfg.routing_bias,
+            init_std=cfg.weight_init_std,
+        )
         image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-        self.decoder = (Decoder(cfg.num_classes, cfg.class_dim, cfg.decoder_hidden, image_shape)
-                        if cfg.decoder else None)
+        self.decoder = (
+            Decoder(cfg.num_classes, cfg.class_dim, cfg.decoder_hidden, image_shape)
+            if cfg.decoder
+            else None
+        )
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> CapsNetOutput:
-        h = torch.relu(self.conv1(images))                     # [B, 256, 20, 20]
-        u_BIP = self.primary(h)                                # [B, 1152, 8]
-        v_BJD, c_BIJ = self.classes(u_BIP)                     # [B, 10, 16], [B, 1152, 10]
-        lengths_BJ = v_BJD.float().norm(dim=-1)                # [B, 10]
+        h = torch.relu(self.conv1(images))  # [B, 256, 20, 20]
+        u_BIP = self.primary(h)  # [B, 1152, 8]
+        v_BJD, c_BIJ = self.classes(u_BIP)  # [B, 10, 16], [B, 1152, 10]
+        lengths_BJ = v_BJD.float().norm(dim=-1)  # [B, 10]
         recon = None
         if self.decoder is not None:
             recon = self.decoder(v_BJD, class_mask(lengths_BJ, targets).to(v_BJD.dtype))
@@ -76,9 +90,16 @@ class CapsNet(nn.Module):
 
     def loss(self, out: CapsNetOutput, images: torch.Tensor, targets: torch.Tensor) -> LossParts:
         cfg = self.config
-        return capsnet_loss(out.lengths, out.reconstructions, images, targets, m_pos=cfg.m_pos,
-                            m_neg=cfg.m_neg, lam=cfg.margin_lambda,
-                            reconstruction_weight=cfg.reconstruction_weight)
+        return capsnet_loss(
+            out.lengths,
+            out.reconstructions,
+            images,
+            targets,
+            m_pos=cfg.m_pos,
+            m_neg=cfg.m_neg,
+            lam=cfg.margin_lambda,
+            reconstruction_weight=cfg.reconstruction_weight,
+        )
 
 
 class BaselineCNN(nn.Module):
@@ -90,8 +111,10 @@ class BaselineCNN(nn.Module):
         convs: list[nn.Module] = []
         channels = [cfg.in_channels, *cfg.conv_channels]
         for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
-            convs += [nn.Conv2d(c_in, c_out, cfg.conv_kernel, padding=cfg.conv_kernel // 2),
-                      nn.ReLU(inplace=True)]
+            convs += [
+                nn.Conv2d(c_in, c_out, cfg.conv_kernel, padding=cfg.conv_kernel // 2),
+                nn.ReLU(inplace=True),
+            ]
         self.features = nn.Sequential(*convs)
         widths = [channels[-1] * cfg.image_size**2, *cfg.fc_hidden]
         fcs: list[nn.Module] = []
