@@ -8,8 +8,10 @@ PIP := $(VENV)/bin/pip
 # install offline on our machines); elsewhere e.g. `make install TORCH_PKGS="torch torchvision"`.
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
-CONFIG ?= configs/mnist.yaml
-TUNE_CONFIG ?= configs/tune-mnist.yaml
+# CONFIG / TUNE_CONFIG default per target: local configs for train/tune, object-storage ones
+# (absolute paths) for the cluster targets.
+CONFIG ?=
+TUNE_CONFIG ?=
 DATASET ?= auto
 DATA_DIR ?=
 CLOUD ?= aws
@@ -54,16 +56,16 @@ smoke: install  ## the main job, small: shards -> Ray TorchTrainer (1 worker) ->
 	$(VENV)/bin/capsnet smoke --dataset $(DATASET) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 train: install  ## train CONFIG on this machine (all local GPUs or CPUs; RAY_ADDRESS for a cluster)
-	$(VENV)/bin/capsnet train --config $(CONFIG) $(ARGS)
+	$(VENV)/bin/capsnet train --config $(or $(CONFIG),configs/mnist.yaml) $(ARGS)
 
 tune: install  ## Ray Tune search TUNE_CONFIG on this machine (or RAY_ADDRESS)
-	$(VENV)/bin/capsnet tune --config $(TUNE_CONFIG) $(ARGS)
+	$(VENV)/bin/capsnet tune --config $(or $(TUNE_CONFIG),configs/tune-mnist.yaml) $(ARGS)
 
 train-cluster: install  ## submit `capsnet train --config CONFIG` as a Ray Job to RAY_ADDRESS, follow it
-	$(PY) -m pipeline.submit train --config $(CONFIG) $(ARGS)
+	$(PY) -m pipeline.submit train --config $(or $(CONFIG),configs/cluster/mnist-16gpu.yaml) $(ARGS)
 
 tune-cluster: install  ## submit `capsnet tune --config TUNE_CONFIG` as a Ray Job to RAY_ADDRESS
-	$(PY) -m pipeline.submit tune --config $(TUNE_CONFIG) $(ARGS)
+	$(PY) -m pipeline.submit tune --config $(or $(TUNE_CONFIG),configs/cluster/tune-mnist-16gpu.yaml) $(ARGS)
 
 cluster-up: install  ## start a Ray cluster with the launcher: CLOUD=aws|gcp
 	$(VENV)/bin/ray up -y cluster/$(CLOUD).yaml

@@ -83,22 +83,21 @@ def test_search_interrupted_then_resumed(tmp_path, tiny_shards):
     path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path / "runs")
     exp_dir = tmp_path / "runs" / "tiny-search"
     cmd = [sys.executable, "-m", "pipeline.cli", "tune", "--config", str(path)]
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            done = [e for e in _trial_epochs(exp_dir).values() if e and e[-1] == 3]
-            if done:
-                break
-            time.sleep(1)
-        assert proc.poll() is None, f"search ended before it was interrupted:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
-        proc.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None:
+                if any(e and e[-1] == 3 for e in _trial_epochs(exp_dir).values()):
+                    break
+                time.sleep(1)
+            assert proc.poll() is None, ("search ended before it was interrupted:\n"
+                                         + (tmp_path / "first.log").read_text()[-3000:])
+            proc.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     first = _trial_epochs(exp_dir)
     finished = {k: v for k, v in first.items() if v and v[-1] == 3}
     assert finished and len(first) < 4, first
