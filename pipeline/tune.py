@@ -388,8 +388,13 @@ def plot_search(rows: list[dict[str, Any]], tc: TuneConfig, path: Path) -> None:
         if not numeric:
             labels = sorted({str(x) for x in xs})
             ax.set_xticks(range(len(labels)), labels)
+        if numeric and all(float(x).is_integer() for x in xs):
+            ax.set_xticks(sorted(set(xs)))
         if key == "train.lr":
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
