@@ -9,7 +9,6 @@ Ray cannot be installed.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,9 @@ class WorkerContext:
         raise NotImplementedError
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        """Publish one epoch's metrics (all ranks call this; rank 0 passes the checkpoint)."""
+        """Publish one epoch's metrics (all ranks call this; rank 0 passes the checkpoint).
+
+        `checkpoint_dir` is a staging folder the caller deletes once this returns."""
         raise NotImplementedError
 
 
@@ -88,7 +89,9 @@ class RayContext(WorkerContext):
         checkpoint = self._train.get_checkpoint()
         if checkpoint is None:
             return None
-        # Copy to a local folder: the checkpoint may live on s3:// / gs://.
+        if checkpoint.filesystem.type_name == "local":
+            return Path(checkpoint.path) / CHECKPOINT_FILE
+        # Object storage (s3:// / gs://): download it once to a local folder.
         local = Path(tempfile.mkdtemp(prefix="capsnet-resume-"))
         checkpoint.to_directory(str(local))
         return local / CHECKPOINT_FILE
@@ -97,9 +100,7 @@ class RayContext(WorkerContext):
         checkpoint = None
         if checkpoint_dir is not None:
             checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir))
-        self._train.report(metrics, checkpoint=checkpoint)
-        if checkpoint_dir is not None:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Ray has copied it to storage
+        self._train.report(metrics, checkpoint=checkpoint)  # uploads synchronously
 
 
 def in_ray_worker() -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from capscore import MODELS
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, absolute_path, is_remote
 from pipeline.data import load_dataset_info, make_loader
 from pipeline.evaluate import evaluate
 from pipeline.train.checkpoint import (
@@ -29,7 +30,7 @@ from pipeline.train.checkpoint import (
     set_rng_state,
     unwrap,
 )
-from pipeline.train.context import LocalContext, RayContext, WorkerContext, limit_threads_to_env
+from pipeline.train.context import RayContext, WorkerContext, limit_threads_to_env
 from pipeline.train.outputs import RunLog, save_reconstructions
 
 
@@ -43,10 +44,9 @@ def run_dir_for(cfg: RunConfig) -> Path:
     The run's own folder for local storage; for s3:// / gs:// storage a local staging folder
     (Ray uploads the checkpoints, which also carry the metrics).
     """
-    storage = cfg.run.storage_path
-    if "://" in storage and not storage.startswith("file://"):
+    if is_remote(cfg.run.storage_path):
         return Path(tempfile.gettempdir()) / "capsnet-runs" / cfg.run.name
-    return Path(storage.removeprefix("file://")).expanduser().resolve() / cfg.run.name
+    return Path(absolute_path(cfg.run.storage_path)) / cfg.run.name
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -139,6 +139,8 @@ def train_loop(config: dict[str, Any], context: WorkerContext | None = None) -> 
             print(f"[capsnet] epoch {epoch + 1}/{cfg.train.epochs} test acc {result.accuracy:.4f} "
                   f"loss {train_stats['loss']:.4f} {metrics['images_per_s']:.0f} img/s", flush=True)
         ctx.report(metrics, ckpt_dir)
+        if ckpt_dir is not None:  # reported (Ray has uploaded it) and copied to best/last
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
     log.close()
 
 
@@ -298,8 +300,3 @@ def _maybe_crash(cfg: RunConfig, epoch: int, rank0: bool) -> None:
     print(f"[capsnet] debug: injected crash at epoch {epoch}", flush=True)
     os._exit(1)
 
-
-def run_local(config: dict[str, Any]) -> None:
-    """The same loop in this process, without Ray (rank 0 of 1)."""
-    cfg = RunConfig.from_dict(config)
-    train_loop(config, LocalContext(run_dir_for(cfg)))

@@ -156,3 +156,13 @@ def test_ddp_two_half_batches_equal_one_full_batch(world):
     opt.step()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(torch.from_numpy(result[name]), value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpoint_staging_folders_are_removed(tiny_shards, tiny_config, tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    train(tiny_config(tiny_shards, tmp_path / "runs"), local=True)
+    assert not list(scratch.glob("capsnet-ckpt-*")), "per-epoch staging checkpoints leaked"
