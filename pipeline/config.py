@@ -31,6 +31,19 @@ class ConfigError(ValueError):
     """A run config that cannot work; the message names the key to fix."""
 
 
+def is_remote(path: str) -> bool:
+    """s3://, gs://, http(s)://, ... (anything with a scheme but file://)."""
+    return "://" in path and not path.startswith("file://")
+
+
+def absolute_path(path: str) -> str:
+    """A local path (or file:// URI) made absolute; remote URIs and "" unchanged. Ray workers
+    run in other directories, and Ray wants absolute storage paths."""
+    if not path or is_remote(path):
+        return path
+    return str(Path(path.removeprefix("file://")).expanduser().resolve())
+
+
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")

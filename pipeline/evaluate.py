@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline.train.checkpoint import unwrap
+
 
 @dataclass
 class EvalResult:
@@ -48,8 +50,6 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_classes: 
     over ranks. The model sees no targets, so CapsNet's decoder is masked by its prediction."""
     # Forward through the plain module: ranks may run one eval batch more or less than each
     # other, and the DDP wrapper's forward can issue collectives.
-    from pipeline.train.checkpoint import unwrap
-
     inner = unwrap(model)
     was_training = inner.training
     inner.eval()

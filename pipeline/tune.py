@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, RunConfig, apply_overrides
+from pipeline.config import ConfigError, RunConfig, absolute_path, apply_overrides
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
@@ -82,6 +82,10 @@ class SearchSection:
             raise ConfigError(f"search.search_alg: must be one of {SEARCH_ALGS}, got {self.search_alg!r}")
         if self.max_concurrent_trials < 0:
             raise ConfigError("search.max_concurrent_trials: must be >= 0")
+        if not isinstance(self.space, dict):
+            raise ConfigError("search.space: must be a mapping of dotted keys to distributions")
+        # YAML reads 1e-3 as a string and 1 as an int: bounds of continuous ranges are floats
+        self.space = {k: _as_float_bounds(v) for k, v in self.space.items()}
         for key, spec in self.space.items():
             _check_distribution(key, spec)
 
@@ -128,11 +132,18 @@ def _corners(spec: dict[str, Any]) -> list[Any]:
     return list(values) if kind in ("choice", "grid") else [values[0], values[1]]
 
 
-def _as_float_bounds(spec: dict[str, Any]) -> dict[str, Any]:
+def _as_float_bounds(spec: Any) -> Any:
+    """Bounds of continuous ranges as floats ('1e-3' and 1 included); anything else as is,
+    for _check_distribution to judge."""
+    if not (isinstance(spec, dict) and len(spec) == 1):
+        return spec
     kind, values = next(iter(spec.items()))
-    if kind in ("uniform", "loguniform"):
+    if kind not in ("uniform", "loguniform") or not isinstance(values, list):
+        return spec
+    try:
         return {kind: [float(v) for v in values]}
-    return spec
+    except (TypeError, ValueError):
+        return spec
 
 
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -161,12 +172,7 @@ def load_tune_config(path: str | Path, overrides: list[str] = ()) -> TuneConfig:
     unknown = sorted(set(search_raw) - known)
     if unknown:
         raise ConfigError(f"search: unknown key(s) {unknown}; known: {sorted(known)}")
-    space = search_raw.get("space") or {}
-    if not isinstance(space, dict):
-        raise ConfigError("search.space: must be a mapping of dotted keys to distributions")
-    for key, spec in space.items():
-        _check_distribution(key, spec)
-    search_raw["space"] = {k: _as_float_bounds(v) for k, v in space.items()}
+    search_raw["space"] = search_raw.get("space") or {}
     search = SearchSection(**search_raw)
     base = RunConfig.from_dict(raw).to_dict()
     for key, spec in search.space.items():
@@ -260,11 +266,11 @@ def run_tune(tc: TuneConfig, *, resume: bool = False) -> Path:
     """Run (or with resume=True, continue) the search; returns the experiment folder."""
     from ray import tune
 
-    from pipeline.train.trainer import _absolute, init_ray, with_absolute_paths
+    from pipeline.train.trainer import init_ray, with_absolute_paths
 
     base = with_absolute_paths(RunConfig.from_dict(tc.base))
     search = tc.search
-    storage = _absolute(search.storage_path)
+    storage = absolute_path(search.storage_path)
     exp_dir = f"{storage.rstrip('/')}/{search.name}"
     init_ray(dashboard=True)
     # The driver only waits on its TorchTrainer, whose workers reserve their own resources.

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
-from pipeline.train.loop import run_dir_for, run_local, train_loop
+from pipeline.config import RunConfig, absolute_path
+from pipeline.train.context import LocalContext
+from pipeline.train.loop import run_dir_for, train_loop
 from pipeline.train.outputs import read_metrics
 
 
@@ -29,13 +30,6 @@ class Summary:
         return (f"[capsnet] done: {self.name}: {self.epochs} epochs, best test accuracy "
                 f"{acc:.4f} (error {100 * (1 - acc):.2f}%), {self.last_images_per_s:.0f} img/s; "
                 f"outputs in {self.run_dir}")
-
-
-def storage_uri(storage: str) -> str:
-    """Ray wants an absolute local path or a URI."""
-    if "://" in storage and not storage.startswith("file://"):
-        return storage
-    return str(Path(storage.removeprefix("file://")).expanduser().resolve())
 
 
 def resolve_use_gpu(setting: bool | str) -> bool:
@@ -69,7 +63,7 @@ def build_trainer(cfg: RunConfig, *, storage_path: str | None = None, name: str 
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=RayRunConfig(
             name=name or cfg.run.name,
-            storage_path=storage_path or storage_uri(cfg.run.storage_path),
+            storage_path=storage_path or absolute_path(cfg.run.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                checkpoint_score_attribute="test_accuracy",
                                                checkpoint_score_order="max"),
@@ -117,8 +111,8 @@ def train(cfg: RunConfig, *, local: bool = False) -> Summary:
     from pipeline.data import load_dataset_info
 
     load_dataset_info(cfg.data.shards)  # a missing/unreadable dataset fails before Ray starts
-    if local:
-        run_local(cfg.to_dict())
+    if local:  # the same loop in this process, rank 0 of 1
+        train_loop(cfg.to_dict(), LocalContext(run_dir_for(cfg)))
         return summarize(cfg)
     init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else _local_cpus(cfg))
     result = build_trainer(cfg).fit()
@@ -132,18 +126,12 @@ def train(cfg: RunConfig, *, local: bool = False) -> Summary:
     return summary
 
 
-def _absolute(path: str) -> str:
-    if not path or ("://" in path and not path.startswith("file://")):
-        return path
-    return str(Path(path.removeprefix("file://")).expanduser().resolve())
-
-
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     """Local paths resolved against the driver's working directory: Ray workers run elsewhere."""
     raw = cfg.to_dict()
-    raw["data"]["shards"] = _absolute(cfg.data.shards)
-    raw["run"]["storage_path"] = _absolute(cfg.run.storage_path)
-    raw["run"]["resume_from"] = _absolute(cfg.run.resume_from)
+    raw["data"]["shards"] = absolute_path(cfg.data.shards)
+    raw["run"]["storage_path"] = absolute_path(cfg.run.storage_path)
+    raw["run"]["resume_from"] = absolute_path(cfg.run.resume_from)
     return RunConfig.from_dict(raw)
 
 
