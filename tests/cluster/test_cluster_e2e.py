@@ -11,16 +11,20 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import yaml
 
+from capscore import CapsNetConfig
+
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 
-TINY_MODEL = {"type": "capsnet", "conv1_channels": 8, "conv1_kernel": 3, "primary_types": 4,
-              "primary_dim": 4, "primary_kernel": 3, "class_dim": 6, "decoder_hidden": [16, 32]}
+# capscore's tiny preset; image size and classes come from the shards
+TINY_MODEL = {"type": "capsnet", **{k: list(v) if isinstance(v, tuple) else v
+                                    for k, v in asdict(CapsNetConfig.tiny()).items() if k != "image_size"}}
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import pytest
 
+from capscore import CapsNetConfig
 from pipeline.config import load_config
 from pipeline.data import ShardsConfig, write_shards
 
-TINY_MODEL = ["model.conv1_channels=8", "model.conv1_kernel=3", "model.primary_types=4",
-              "model.primary_dim=4", "model.primary_kernel=3", "model.class_dim=6",
-              "model.decoder_hidden=[16, 32]"]
+
+def _tiny_model_overrides() -> list[str]:
+    """capscore's tiny preset as --set overrides (image size and classes come from the data)."""
+    tiny, default = asdict(CapsNetConfig.tiny()), asdict(CapsNetConfig())
+    return [f"model.{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}"
+            for k, v in tiny.items() if v != default[k] and k != "image_size"]
+
+
+TINY_MODEL = _tiny_model_overrides()
 
 
 @pytest.fixture(scope="session")

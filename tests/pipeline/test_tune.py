@@ -8,16 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import yaml
 
+from capscore import CapsNetConfig
 from pipeline.config import ConfigError, load_config
 from pipeline.tune import load_tune_config
 
-TINY = {"conv1_channels": 8, "conv1_kernel": 3, "primary_types": 4, "primary_dim": 4,
-        "primary_kernel": 3, "class_dim": 6, "decoder_hidden": [16, 32], "weight_init_std": 0.5}
+# capscore's tiny preset (image size from the data), with a W init that learns within 3 epochs
+TINY = {**{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(CapsNetConfig.tiny()).items()
+           if k != "image_size"}, "weight_init_std": 0.5}
 
 
 def search_config(path: Path, shards, storage, **search) -> Path:
