@@ -135,7 +135,7 @@ def train_loop(config: dict[str, Any], context: WorkerContext | None = None) -> 
             log.epoch(metrics)
             ckpt_dir = _save(cfg, run_dir, model, optimizer, scheduler, scaler, epoch, metrics,
                              kind, model_config, is_best=result.accuracy >= best_acc)
-            _figures(unwrap(model), eval_loader, device, run_dir)
+            _figures(unwrap(model), cfg, device, run_dir)
             print(f"[capsnet] epoch {epoch + 1}/{cfg.train.epochs} test acc {result.accuracy:.4f} "
                   f"loss {train_stats['loss']:.4f} {metrics['images_per_s']:.0f} img/s", flush=True)
         ctx.report(metrics, ckpt_dir)
@@ -245,12 +245,17 @@ def _save(cfg, run_dir, model, optimizer, scheduler, scaler, epoch, metrics, kin
 
 
 @torch.no_grad()
-def _figures(model, eval_loader, device, run_dir: Path) -> None:
-    """reconstructions.png from the first test images, decoder masked by the prediction."""
+def _figures(model, cfg: RunConfig, device, run_dir: Path) -> None:
+    """reconstructions.png from the first 8 test images, decoder masked by the prediction.
+
+    A streaming loader in this process stops after its first batch, so this reads 8 samples,
+    not another pass (or another set of worker processes) over the eval split."""
     if getattr(model, "decoder", None) is None:
         return
-    images, _ = next(iter(eval_loader))
-    images = images[:8].to(device)
+    first = make_loader(cfg.data.shards, cfg.data.eval_split, batch_size=8, training=False,
+                        augment=False, on_error=cfg.data.on_error)
+    images, _ = next(iter(first))
+    images = images.to(device)
     was_training = model.training
     model.eval()
     out = model(images)
