@@ -5,10 +5,30 @@ A leaf package: it imports torch only, never ray, webdataset or the pipeline.
 
 from capscore.config import BaselineCNNConfig, CapsNetConfig
 from capscore.decoder import Decoder, class_mask
-from capscore.layers import ClassCapsules, PrimaryCapsules, squash
+from capscore.functional import squash
+from capscore.layers import ClassCapsules, PrimaryCapsules
 from capscore.losses import LossParts, capsnet_loss, margin_loss, reconstruction_loss
-from capscore.models import MODELS, BaselineCNN, CapsNet, CapsNetOutput, CNNOutput, build_model
-from capscore.routing import ROUTINGS, dynamic_routing
+from capscore.models import (
+    MODELS,
+    BaselineCNN,
+    CapsNet,
+    CapsNetOutput,
+    CNNOutput,
+    ModelSpec,
+    build_model,
+    config_from_dict,
+    model_kind,
+)
+from capscore.routing import (
+    ROUTINGS,
+    DynamicRouting,
+    DynamicRoutingConfig,
+    RoutingOutput,
+    RoutingSpec,
+    build_routing,
+    dynamic_routing,
+    routing_config,
+)
 
 __all__ = [
     "MODELS",
@@ -20,6 +40,15 @@ __all__ = [
     "CapsNetConfig",
     "CapsNetOutput",
     "ClassCapsules",
+    "DynamicRouting",
+    "DynamicRoutingConfig",
+    "ModelSpec",
+    "RoutingOutput",
+    "RoutingSpec",
+    "build_routing",
+    "config_from_dict",
+    "model_kind",
+    "routing_config",
     "Decoder",
     "LossParts",
     "PrimaryCapsules",

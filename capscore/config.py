@@ -6,10 +6,10 @@ bad YAML override fails before any tensor is allocated (and before Ray starts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-RoutingName = Literal["dynamic"]
+from capscore.routing import DynamicRoutingConfig, RoutingConfig, routing_config
 
 
 def _conv_out(size: int, kernel: int, stride: int = 1) -> int:
@@ -57,14 +57,9 @@ class CapsNetConfig:
     """Stride of the PrimaryCaps convolution."""
     class_dim: int = 16
     """Pose dimension D of a class capsule."""
-    routing: RoutingName = "dynamic"
-    """Routing algorithm between PrimaryCaps and class capsules."""
-    routing_iterations: int = 3
-    """Routing iterations r (1 = uniform coupling 1/J, no agreement step)."""
-    detach_inner: bool = False
-    """Stop gradients through u_hat in all but the last routing iteration (faster, not the paper)."""
-    routing_bias: bool = False
-    """Add a learned bias to s_j before squashing, as the official code does (not counted in 6.8M)."""
+    routing: RoutingConfig = field(default_factory=DynamicRoutingConfig)
+    """Routing between PrimaryCaps and class capsules: a config of a `capscore.ROUTINGS` entry
+    (a dict such as {"name": "dynamic", "iterations": 3} is converted)."""
     weight_init_std: float = 0.01
     """Standard deviation of the normal init of the transformation matrices W_ij."""
     decoder: bool = True
@@ -82,6 +77,7 @@ class CapsNetConfig:
 
     def __post_init__(self) -> None:
         self.decoder_hidden = tuple(self.decoder_hidden)
+        self.routing = routing_config(self.routing)  # validated against the ROUTINGS registry
         _check_positive(
             self,
             (
@@ -94,13 +90,10 @@ class CapsNetConfig:
                 "primary_kernel",
                 "primary_stride",
                 "class_dim",
-                "routing_iterations",
             ),
         )
         if self.num_classes < 2:
             raise ValueError(f"CapsNetConfig.num_classes must be >= 2, got {self.num_classes!r}")
-        if self.routing not in ("dynamic",):
-            raise ValueError(f"CapsNetConfig.routing must be 'dynamic', got {self.routing!r}")
         if not self.decoder_hidden or any(int(h) < 1 for h in self.decoder_hidden):
             raise ValueError(
                 f"CapsNetConfig.decoder_hidden must be positive widths, got {self.decoder_hidden!r}"
@@ -209,6 +202,33 @@ class BaselineCNNConfig:
         return cls(**{**base, **overrides})
 
 
-def field_names(config_cls: type) -> list[str]:
-    """Names of a config dataclass's fields (used to report unknown keys)."""
-    return [f.name for f in fields(config_cls)]
+CAPSNET_PRESETS = {
+    "mnist": CapsNetConfig.mnist,
+    "multimnist": CapsNetConfig.multimnist,
+    "cifar10": CapsNetConfig.cifar10,
+    "tiny": CapsNetConfig.tiny,
+}
+"""CapsNetConfig presets by name (`model.preset`); each takes field overrides."""
+
+CNN_PRESETS = {"mnist": BaselineCNNConfig, "tiny": BaselineCNNConfig.tiny}
+"""BaselineCNNConfig presets by name: the paper's MNIST baseline, and a tiny test network."""
+
+
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` (a config as a dict) with `overrides` applied, nested dicts merged key by key.
+
+    A nested config that names another registry entry (a different "name") is replaced, not
+    merged: the keys of one routing algorithm mean nothing to another.
+    """
+    out = dict(base)
+    for key, value in overrides.items():
+        old = out.get(key)
+        if (
+            isinstance(value, dict)
+            and isinstance(old, dict)
+            and value.get("name", old.get("name")) == old.get("name")
+        ):
+            out[key] = merge_overrides(old, value)
+        else:
+            out[key] = value
+    return out

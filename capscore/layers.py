@@ -1,4 +1,4 @@
-"""Capsule layers: squash, PrimaryCapsules and the class-capsule layer.
+"""Capsule layers: PrimaryCapsules and the class-capsule layer (squash lives in functional).
 
 Shape legend: B batch, C channels, H/W grid, T primary capsule types, P primary pose dim,
 I input capsules (= T * H * W), J class capsules, D class pose dim.
@@ -9,18 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from capscore.functional import squash
+from capscore.routing import RoutingConfig, RoutingOutput, build_routing
 
-def squash(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """v = |s|^2 / (1 + |s|^2) * s / |s|  (paper eq. 1): keeps direction, length in [0, 1).
-
-    Written as s * |s| / (1 + |s|^2) with |s| clamped away from zero, so the value and the
-    gradient at s = 0 are exactly 0 and finite (the true limits), without an epsilon that would
-    bias short vectors. Computed in float32 at least, since fp16 underflows |s|^2 for short s.
-    """
-    s32 = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
-    sq = s32.pow(2).sum(dim=dim, keepdim=True)
-    norm = sq.clamp_min(torch.finfo(s32.dtype).tiny).sqrt()
-    return (s32 * (norm / (1.0 + sq))).to(s.dtype)
+__all__ = ["ClassCapsules", "PrimaryCapsules", "squash"]
 
 
 class PrimaryCapsules(nn.Module):
@@ -49,6 +41,7 @@ class ClassCapsules(nn.Module):
 
     W has one P x D matrix per (i, j). u_hat is one batched matmul over I,
     [I, B, P] @ [I, P, J*D], so neither the input is tiled J times nor W copied per sample.
+    The routing module comes from the registry (`capscore.routing.ROUTINGS`) by its config.
     """
 
     def __init__(
@@ -58,17 +51,13 @@ class ClassCapsules(nn.Module):
         num_out: int,
         out_dim: int,
         *,
-        routing,
-        iterations: int,
-        detach_inner: bool = False,
-        bias: bool = False,
+        routing: RoutingConfig,
         init_std: float = 0.01,
     ):
         super().__init__()
         self.num_out, self.out_dim = num_out, out_dim
-        self.routing, self.iterations, self.detach_inner = routing, iterations, detach_inner
         self.weight_IPK = nn.Parameter(torch.randn(num_in, in_dim, num_out * out_dim) * init_std)
-        self.bias_JD = nn.Parameter(torch.zeros(num_out, out_dim)) if bias else None
+        self.routing = build_routing(routing, num_in=num_in, num_out=num_out, out_dim=out_dim)
 
     def predictions(self, u_BIP: torch.Tensor) -> torch.Tensor:
         """u_hat [B, I, J, D] (a permuted view of the bmm result; routing reads it as is)."""
@@ -76,7 +65,8 @@ class ClassCapsules(nn.Module):
         u_hat_IBK = torch.bmm(u_BIP.transpose(0, 1), self.weight_IPK)
         return u_hat_IBK.view(I, B, self.num_out, self.out_dim).transpose(0, 1)
 
-    def forward(self, u_BIP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (v [B, J, D], c [B, I, J])."""
-        u_hat_BIJD = self.predictions(u_BIP)
-        return self.routing(u_hat_BIJD, self.iterations, self.detach_inner, self.bias_JD)
+    def forward(self, u_BIP: torch.Tensor, a_BI: torch.Tensor | None = None) -> RoutingOutput:
+        """Parent poses [B, J, D], activations [B, J] and couplings [B, I, J].
+
+        `a_BI`: the children's activations, for routing algorithms that use them."""
+        return self.routing(self.predictions(u_BIP), a_BI)

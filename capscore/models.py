@@ -7,16 +7,23 @@ The pipeline trains and evaluates either without knowing which it has.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from capscore.config import BaselineCNNConfig, CapsNetConfig
+from capscore.config import (
+    CAPSNET_PRESETS,
+    CNN_PRESETS,
+    BaselineCNNConfig,
+    CapsNetConfig,
+    merge_overrides,
+)
 from capscore.decoder import Decoder, class_mask
 from capscore.layers import ClassCapsules, PrimaryCapsules
 from capscore.losses import LossParts, capsnet_loss, classification_loss
-from capscore.routing import ROUTINGS
 
 
 @dataclass
@@ -65,10 +72,7 @@ class CapsNet(nn.Module):
             cfg.primary_dim,
             cfg.num_classes,
             cfg.class_dim,
-            routing=ROUTINGS[cfg.routing],
-            iterations=cfg.routing_iterations,
-            detach_inner=cfg.detach_inner,
-            bias=cfg.routing_bias,
+            routing=cfg.routing,
             init_std=cfg.weight_init_std,
         )
         image_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -81,12 +85,14 @@ class CapsNet(nn.Module):
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> CapsNetOutput:
         h = torch.relu(self.conv1(images))  # [B, 256, 20, 20]
         u_BIP = self.primary(h)  # [B, 1152, 8]
-        v_BJD, c_BIJ = self.classes(u_BIP)  # [B, 10, 16], [B, 1152, 10]
-        lengths_BJ = v_BJD.float().norm(dim=-1)  # [B, 10]
+        routed = self.classes(u_BIP)  # poses [B, 10, 16], activations [B, 10], c [B, 1152, 10]
+        v_BJD, lengths_BJ = routed.poses, routed.activations
         recon = None
         if self.decoder is not None:
             recon = self.decoder(v_BJD, class_mask(lengths_BJ, targets).to(v_BJD.dtype))
-        return CapsNetOutput(lengths=lengths_BJ, poses=v_BJD, reconstructions=recon, coupling=c_BIJ)
+        return CapsNetOutput(
+            lengths=lengths_BJ, poses=v_BJD, reconstructions=recon, coupling=routed.couplings
+        )
 
     def loss(self, out: CapsNetOutput, images: torch.Tensor, targets: torch.Tensor) -> LossParts:
         cfg = self.config
@@ -130,13 +136,52 @@ class BaselineCNN(nn.Module):
         return classification_loss(out.logits, targets)
 
 
-MODELS = {"capsnet": (CapsNet, CapsNetConfig), "cnn": (BaselineCNN, BaselineCNNConfig)}
-"""Model classes and their config classes by name (the pipeline's `model.type`)."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model family: its module, its config class and named presets of that config."""
+
+    model: type[nn.Module]
+    config: type
+    presets: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    default_preset: str = ""
+
+    def make_config(self, preset: str | None = None, overrides: dict[str, Any] | None = None):
+        """The config of `preset` (default: the paper's) with `overrides` applied (nested
+        dicts merged), validated by the config class."""
+        name = preset or self.default_preset
+        if name not in self.presets:
+            raise ValueError(f"preset must be one of {sorted(self.presets)}, got {name!r}")
+        base = asdict(self.presets[name]())
+        unknown = sorted(set(overrides or {}) - set(base))
+        if unknown:
+            raise ValueError(
+                f"{self.config.__name__} has no field(s) {unknown}; known: {sorted(base)}"
+            )
+        return self.config(**merge_overrides(base, overrides or {}))
 
 
-def build_model(kind: str, **config) -> nn.Module:
-    """Build a model by name from config keyword arguments (validated by its config class)."""
+MODELS: dict[str, ModelSpec] = {
+    "capsnet": ModelSpec(CapsNet, CapsNetConfig, CAPSNET_PRESETS, default_preset="mnist"),
+    "cnn": ModelSpec(BaselineCNN, BaselineCNNConfig, CNN_PRESETS, default_preset="mnist"),
+}
+"""Model families by name (the pipeline's `model.type`); a new model is one entry."""
+
+
+def model_kind(config: Any) -> str:
+    """The MODELS name of a config object."""
+    for kind, spec in MODELS.items():
+        if type(config) is spec.config:
+            return kind
+    raise ValueError(f"no registered model takes a {type(config).__name__}")
+
+
+def build_model(config: Any) -> nn.Module:
+    """The one builder: the model for a config object of any registered family."""
+    return MODELS[model_kind(config)].model(config)
+
+
+def config_from_dict(kind: str, values: dict[str, Any]) -> Any:
+    """Rebuild a config saved with dataclasses.asdict (e.g. in a checkpoint)."""
     if kind not in MODELS:
         raise ValueError(f"model type must be one of {sorted(MODELS)}, got {kind!r}")
-    model_cls, config_cls = MODELS[kind]
-    return model_cls(config_cls(**config))
+    return MODELS[kind].config(**values)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from capscore import ClassCapsules, PrimaryCapsules, dynamic_routing, squash
+from capscore import ClassCapsules, DynamicRoutingConfig, PrimaryCapsules, squash
 
 
 def squash_reference(s: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,7 @@ def test_primary_capsules_group_channels_at_one_position():
 def test_class_capsule_predictions_equal_per_pair_matmul():
     torch.manual_seed(3)
     I, P, J, D = 7, 4, 3, 5
-    layer = ClassCapsules(I, P, J, D, routing=dynamic_routing, iterations=2).double()
+    layer = ClassCapsules(I, P, J, D, routing=DynamicRoutingConfig(iterations=2)).double()
     u = torch.randn(2, I, P, dtype=torch.float64)
     u_hat = layer.predictions(u)
     assert u_hat.shape == (2, I, J, D)
@@ -91,6 +91,6 @@ def test_class_capsule_predictions_equal_per_pair_matmul():
 
 
 def test_class_capsules_parameter_shape_is_not_per_sample():
-    layer = ClassCapsules(1152, 8, 10, 16, routing=dynamic_routing, iterations=3)
+    layer = ClassCapsules(1152, 8, 10, 16, routing=DynamicRoutingConfig())
     assert [tuple(p.shape) for p in layer.parameters()] == [(1152, 8, 160)]
     assert sum(p.numel() for p in layer.parameters()) == 1152 * 10 * 8 * 16

@@ -1,15 +1,33 @@
 """CapsNet and BaselineCNN: shapes, parameter counts, gradients, masking, config errors."""
 
+import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
-from capscore import BaselineCNN, BaselineCNNConfig, CapsNet, CapsNetConfig, build_model
+from capscore import (
+    MODELS,
+    ROUTINGS,
+    BaselineCNN,
+    BaselineCNNConfig,
+    CapsNet,
+    CapsNetConfig,
+    build_model,
+    config_from_dict,
+    model_kind,
+)
 
-TINY = {"capsnet": lambda: CapsNet(CapsNetConfig.tiny()),
-        "cnn": lambda: BaselineCNN(BaselineCNNConfig.tiny())}
+# Every registered model family, by its tiny preset, and the tiny CapsNet under every routing:
+# a new MODELS / ROUTINGS entry is tested from its first line.
+TINY = {kind: (lambda kind=kind: build_model(MODELS[kind].make_config("tiny"))) for kind in MODELS}
+TINY.update({
+    f"capsnet-{name}": (lambda name=name: build_model(
+        CapsNetConfig.tiny(routing={"name": name})))
+    for name in ROUTINGS
+})
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -25,7 +43,7 @@ def test_mnist_parameter_counts_match_paper():
 
 
 def test_routing_bias_is_opt_in():
-    assert n_params(CapsNet(CapsNetConfig.mnist(routing_bias=True))) == 8_215_568 + 160
+    assert n_params(CapsNet(CapsNetConfig.mnist(routing={"bias": True}))) == 8_215_568 + 160
 
 
 def test_baseline_cnn_parameter_count_matches_paper():
@@ -108,14 +126,15 @@ def test_decoder_sees_only_masked_capsule():
     torch.testing.assert_close(model.decoder(poses, mask), model.decoder(changed, mask))
 
 
-@pytest.mark.parametrize("field, value", [
-    ("routing_iterations", 0), ("image_size", 10), ("reconstruction_weight", -1.0),
-    ("primary_dim", 0), ("num_classes", 1), ("m_neg", 0.95), ("margin_lambda", -0.5),
-    ("routing", "em")])
-def test_capsnet_config_errors_name_the_field(field, value):
-    kwargs = {"image_size": 28, field: value} if field != "image_size" else {field: value}
-    with pytest.raises(ValueError, match=field.split("_")[0]):
-        CapsNetConfig(**kwargs)
+@pytest.mark.parametrize("field, value, match", [
+    ("routing", {"iterations": 0}, "routing.iterations"), ("image_size", 10, "image_size"),
+    ("reconstruction_weight", -1.0, "reconstruction_weight"), ("primary_dim", 0, "primary_dim"),
+    ("num_classes", 1, "num_classes"), ("m_neg", 0.95, "m_neg"),
+    ("margin_lambda", -0.5, "margin_lambda"), ("routing", {"name": "nope"}, "routing.name"),
+    ("routing", {"iteration": 2}, "iteration"), ("routing", "dynamic", "routing")])
+def test_capsnet_config_errors_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        CapsNetConfig(**{field: value})
 
 
 def test_image_too_small_message_names_sizes():
@@ -130,12 +149,40 @@ def test_cnn_config_errors_name_the_field(field, value):
         BaselineCNNConfig(**{field: value})
 
 
-def test_build_model_by_name():
-    assert isinstance(build_model("cnn", **BaselineCNNConfig.tiny().__dict__), BaselineCNN)
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_every_preset_builds_and_round_trips_through_a_dict(kind):
+    spec = MODELS[kind]
+    assert spec.default_preset in spec.presets
+    for preset in spec.presets:
+        config = spec.make_config(preset)
+        assert type(config) is spec.config and model_kind(config) == kind
+        assert isinstance(build_model(config), spec.model)
+        assert config_from_dict(kind, json.loads(json.dumps(asdict(config)))) == config
+
+
+def test_make_config_merges_overrides_into_the_preset():
+    config = MODELS["capsnet"].make_config("tiny", {"routing": {"iterations": 1}, "class_dim": 4})
+    assert config.routing.iterations == 1 and config.class_dim == 4
+    assert config.conv1_channels == CapsNetConfig.tiny().conv1_channels
+    assert MODELS["capsnet"].make_config().num_primary == 1152  # default preset: the paper's
+    with pytest.raises(ValueError, match="no_such_field"):
+        MODELS["capsnet"].make_config("tiny", {"no_such_field": 1})
+    with pytest.raises(ValueError, match="preset"):
+        MODELS["cnn"].make_config("resnet")
+
+
+def test_build_model_dispatches_on_the_config_type():
+    assert isinstance(build_model(BaselineCNNConfig.tiny()), BaselineCNN)
+    assert isinstance(build_model(CapsNetConfig.tiny()), CapsNet)
+    with pytest.raises(ValueError, match="no registered model"):
+        build_model(object())
     with pytest.raises(ValueError, match="model type"):
-        build_model("resnet")
-    with pytest.raises(TypeError):
-        build_model("capsnet", no_such_field=1)
+        config_from_dict("resnet", {})
+
+
+@pytest.mark.parametrize("name", sorted(ROUTINGS))
+def test_every_routing_config_names_its_registry_key(name):
+    assert ROUTINGS[name].config().name == name
 
 
 def test_capscore_imports_without_ray_webdataset_or_pipeline():

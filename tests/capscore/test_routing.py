@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from capscore import dynamic_routing, squash
+from capscore import ROUTINGS, DynamicRoutingConfig, build_routing, dynamic_routing, squash
 
 
 def routing_reference(u_hat: torch.Tensor, iterations: int):
@@ -102,3 +102,32 @@ def test_gradient_matches_finite_differences():
 def test_rejects_zero_iterations():
     with pytest.raises(ValueError, match="iterations"):
         dynamic_routing(torch.zeros(1, 2, 2, 2), 0)
+
+
+@pytest.mark.parametrize("name", sorted(ROUTINGS))
+@pytest.mark.parametrize("zero", [False, True])
+def test_every_registered_routing_module_shapes_and_finite_gradients(name, zero):
+    torch.manual_seed(0)
+    B, I, J, D = 3, 7, 4, 5
+    module = build_routing(ROUTINGS[name].config(), num_in=I, num_out=J, out_dim=D).double()
+    u_hat = (torch.zeros if zero else torch.randn)(B, I, J, D, dtype=torch.float64)
+    u_hat.requires_grad_(True)
+    a = torch.rand(B, I, dtype=torch.float64) if module.needs_activations else None
+    out = module(u_hat, a)
+    assert out.poses.shape == (B, J, D) and out.activations.shape == (B, J)
+    assert out.couplings.shape == (B, I, J)
+    (out.poses.sum() + out.activations.sum()).backward()
+    assert torch.isfinite(u_hat.grad).all()
+    for p in module.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_dynamic_routing_module_equals_the_function():
+    torch.manual_seed(1)
+    u_hat = torch.randn(2, 6, 3, 4)
+    module = build_routing(DynamicRoutingConfig(iterations=2), num_in=6, num_out=3, out_dim=4)
+    out = module(u_hat)
+    v, c = dynamic_routing(u_hat, 2)
+    torch.testing.assert_close(out.poses, v)
+    torch.testing.assert_close(out.couplings, c)
+    torch.testing.assert_close(out.activations, v.norm(dim=-1))
