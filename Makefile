@@ -62,10 +62,10 @@ tune: install  ## Ray Tune search TUNE_CONFIG on this machine (or RAY_ADDRESS)
 	$(VENV)/bin/capsnet tune --config $(or $(TUNE_CONFIG),configs/tune-mnist.yaml) $(ARGS)
 
 train-cluster: install  ## submit `capsnet train --config CONFIG` as a Ray Job to RAY_ADDRESS, follow it
-	$(PY) -m pipeline.submit train --config $(or $(CONFIG),configs/cluster/mnist-16gpu.yaml) $(ARGS)
+	$(VENV)/bin/capsnet submit train --config $(or $(CONFIG),configs/cluster/mnist-16gpu.yaml) $(ARGS)
 
 tune-cluster: install  ## submit `capsnet tune --config TUNE_CONFIG` as a Ray Job to RAY_ADDRESS
-	$(PY) -m pipeline.submit tune --config $(or $(TUNE_CONFIG),configs/cluster/tune-mnist-16gpu.yaml) $(ARGS)
+	$(VENV)/bin/capsnet submit tune --config $(or $(TUNE_CONFIG),configs/cluster/tune-mnist-16gpu.yaml) $(ARGS)
 
 cluster-up: install  ## start a Ray cluster with the launcher: CLOUD=aws|gcp
 	$(VENV)/bin/ray up -y cluster/$(CLOUD).yaml

@@ -6,10 +6,10 @@ bad YAML override fails before any tensor is allocated (and before Ray starts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from capscore.routing import DynamicRoutingConfig, RoutingConfig, routing_config
+from capscore.routing import ROUTINGS, DynamicRoutingConfig, RoutingConfig, routing_config
 
 
 def _conv_out(size: int, kernel: int, stride: int = 1) -> int:
@@ -57,7 +57,9 @@ class CapsNetConfig:
     """Stride of the PrimaryCaps convolution."""
     class_dim: int = 16
     """Pose dimension D of a class capsule."""
-    routing: RoutingConfig = field(default_factory=DynamicRoutingConfig)
+    routing: RoutingConfig = field(
+        default_factory=DynamicRoutingConfig, metadata={"registry": ROUTINGS}
+    )
     """Routing between PrimaryCaps and class capsules: a config of a `capscore.ROUTINGS` entry
     (a dict such as {"name": "dynamic", "iterations": 3} is converted)."""
     weight_init_std: float = 0.01

@@ -1,34 +1,69 @@
-"""Run configs: YAML + dotted overrides -> validated dataclasses, before Ray starts.
+"""Run configs: YAML + dotted overrides -> one validated, typed object, before Ray starts.
 
-A run config has five sections; every field is documented below and in README.md:
+A run config has five sections; every field is documented below (and shown by
+`capsnet train --print-config`):
 
-    data:  where the shards are and how they are read
-    model: `type` (capsnet | cnn) plus any field of capscore's CapsNetConfig / BaselineCNNConfig
-    train: optimisation, precision, epochs, seed
+    data:  where the shards are and how they are read (pipeline.data.DataConfig)
+    model: `type` (a capscore.MODELS name), `preset` (a named config of that family) and any
+           field of its config class as an override, e.g. {type: capsnet, preset: tiny,
+           routing: {iterations: 1}}
+    train: optimisation, batch sizes (global), precision, epochs, seed
     run:   Ray assembly: name, storage, workers, GPUs, failures, checkpoints
     debug: test-only hooks (fault injection)
 
-Dicts exist only at the Ray boundary: ``RunConfig.to_dict()`` goes in, ``RunConfig.from_dict``
+Dicts exist only at the Ray boundary: ``RunConfig.to_dict()`` goes in, ``parse_run_config``
 rebuilds (and re-validates) it on the worker's first line.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    Discriminator,
+    Field,
+    PlainValidator,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from capscore import MODELS
+from pipeline.data.config import DataConfig
+from pipeline.schema import (
+    Bool,
+    ConfigError,
+    Float,
+    Int,
+    Section,
+    Str,
+    error_lines,
+    partial_model,
+    plain,
+    raise_config_error,
+)
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelSection",
+    "RunConfig",
+    "absolute_path",
+    "apply_overrides",
+    "is_remote",
+    "load_config",
+    "load_yaml",
+    "parse_run_config",
+]
 
 Precision = Literal["fp32", "bf16", "fp16"]
-
-
-class ConfigError(ValueError):
-    """A run config that cannot work; the message names the key to fix."""
+PositiveInt = Annotated[Int, Field(ge=1)]
 
 
 def is_remote(path: str) -> bool:
@@ -44,214 +79,274 @@ def absolute_path(path: str) -> str:
     return str(Path(path.removeprefix("file://")).expanduser().resolve())
 
 
-def _require(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
+# --- model ------------------------------------------------------------------------------------
 
 
-def coerce_fields(config_cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
-    """Convert YAML scalars to each field's type, judged by its default value.
+class ModelSection(Section):
+    """The model family, its preset and the overrides, as given (resolved by `build_config`)."""
 
-    YAML 1.1 reads `3e-4` as a string and `1` where a float is meant; both are common in
-    hand-written configs and --set overrides, so numbers are converted here, and anything that
-    does not convert is an error naming the key.
-    """
-    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
-    out = dict(values)
-    for key, value in values.items():
-        default = defaults.get(key, dataclasses.MISSING)
-        try:
-            if isinstance(default, bool) or isinstance(value, bool) or value is None:
-                continue
-            if isinstance(default, float) and isinstance(value, (int, str)):
-                out[key] = float(value)
-            elif isinstance(default, int) and isinstance(value, str):
-                out[key] = int(value)
-        except ValueError:
-            raise ConfigError(f"{section}.{key}: expected a number, got {value!r}") from None
-    return out
+    type: Str = "capsnet"
+    """A capscore.MODELS name: capsnet or cnn."""
+    preset: Str = ""
+    """A named config of that family (capsnet: mnist, multimnist, cifar10, tiny; cnn: mnist,
+    tiny); empty = the paper's network for MNIST."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Fields of the family's config class that differ from the preset."""
 
+    def build_config(
+        self, image_shape: tuple[int, int, int] | None = None, num_classes: int | None = None
+    ) -> Any:
+        """The capscore config: the preset, the data's image shape and classes, then the
+        overrides (an explicit override wins over the data)."""
+        spec = MODELS[self.type]
+        from_data: dict[str, Any] = {}
+        if image_shape is not None:
+            from_data.update(in_channels=image_shape[0], image_size=image_shape[1])
+        if num_classes is not None:
+            from_data.update(num_classes=num_classes)
+        fields = spec.config.__dataclass_fields__
+        values = {k: v for k, v in from_data.items() if k in fields} | self.overrides
+        return spec.make_config(self.preset or None, values)
 
-@dataclass(kw_only=True)
-class DataSection:
-    shards: str = "shards/mnist"
-    """Shard folder (or URL) holding dataset.json, as written by `capsnet shards`."""
-    train_split: str = "train"
-    """Split to train on."""
-    eval_split: str = "test"
-    """Split evaluated exactly after every epoch."""
-    loader_workers: int = 2
-    """DataLoader worker processes per training worker."""
-    shuffle_buffer: int = 2000
-    """Samples held in each loader worker's shuffle buffer."""
-    augment: bool = True
-    """Random +-2 px shifts of training images (the paper's only augmentation)."""
-    eval_batch_size: int = 500
-    """Per-worker batch size for evaluation."""
-    on_error: Literal["skip", "raise"] = "skip"
-    """Corrupt samples/shards: skip and count them, or stop."""
-    verify_checksums: bool = False
-    """Check every shard's sha256 against dataset.json before training."""
-
-    def __post_init__(self) -> None:
-        _require(bool(self.shards), "data.shards", "must name a shard folder or URL")
-        _require(self.loader_workers >= 0, "data.loader_workers", f"must be >= 0, got {self.loader_workers}")
-        _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
-        _require(self.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-        _require(self.on_error in ("skip", "raise"), "data.on_error", f"must be skip or raise, got {self.on_error!r}")
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """The form written in YAML: {type, preset, **overrides}."""
+        out: dict[str, Any] = {"type": self.type}
+        if self.preset:
+            out["preset"] = self.preset
+        return out | plain(self.overrides)
 
 
-@dataclass(kw_only=True)
-class TrainSection:
-    epochs: int = 10
+def _family_model(kind: str) -> Any:
+    """The strict pydantic form of `model:` for one family: type, preset, typed overrides."""
+    spec = MODELS[kind]
+    return create_model(
+        f"{kind}_model",
+        __base__=partial_model(spec.config),  # every config field, typed, optional
+        type=(Literal[kind], kind),  # type: ignore[valid-type]
+        preset=(Literal[("", *spec.presets)], ""),  # type: ignore[valid-type]
+    )
+
+
+def _model_kind(value: Any) -> str:
+    kind = value.get("type", "capsnet") if isinstance(value, dict) else "capsnet"
+    return f"<{kind}>"
+
+
+_family_forms = {kind: _family_model(kind) for kind in MODELS}
+_MODEL_FORM = TypeAdapter(Annotated[
+    Union[tuple(Annotated[form, Tag(f"<{k}>")] for k, form in _family_forms.items())],  # noqa: UP007
+    Discriminator(
+        _model_kind,
+        custom_error_type="unknown_model",
+        custom_error_message=f"type must be one of {sorted(MODELS)}",
+    ),
+])
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+class TrainSection(Section):
+    epochs: PositiveInt = 10
     """Passes over the training split."""
-    batch_size: int = 128
-    """GLOBAL batch size, split evenly over the workers (so results do not depend on the count)."""
-    lr: float = 1e-3
+    batch_size: PositiveInt = 128
+    """GLOBAL training batch size, split evenly over the workers (results do not depend on the
+    worker count)."""
+    eval_batch_size: PositiveInt = 500
+    """GLOBAL evaluation batch size, split over the workers (each takes the ceiling of
+    eval_batch_size / num_workers; the split does not change any result)."""
+    lr: Annotated[Float, Field(gt=0)] = 1e-3
     """Adam learning rate at step 0."""
-    lr_decay: float = 0.96
-    """Exponential decay factor: lr * lr_decay ** (step / lr_decay_steps) (official code: 0.96)."""
-    lr_decay_steps: int = 2000
+    lr_decay: Annotated[Float, Field(gt=0, le=1)] = 0.96
+    """Exponential decay: lr * lr_decay ** (step / lr_decay_steps) (official code: 0.96)."""
+    lr_decay_steps: PositiveInt = 2000
     """Optimizer steps per decay factor."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.0
     """Adam L2 weight decay."""
     precision: Precision = "fp32"
     """fp32, or autocast to bf16 / fp16 (fp16 adds a GradScaler)."""
-    compile: bool = False
+    compile: Bool = False
     """Wrap the model in torch.compile."""
-    seed: int = 0
+    seed: Int = 0
     """Seeds model init, data order and augmentation; a 1-worker CPU run is reproducible."""
-    log_every: int = 50
+    log_every: PositiveInt = 50
     """Steps between progress lines (and non-finite loss checks)."""
-    max_steps_per_epoch: int = 0
+    max_steps_per_epoch: Annotated[Int, Field(ge=0)] = 0
     """Cap on steps per epoch for quick runs; 0 = the whole split."""
 
-    def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "lr_decay_steps", "log_every"):
-            _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
-        _require(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        _require(0 < self.lr_decay <= 1, "train.lr_decay", f"must be in (0, 1], got {self.lr_decay}")
-        _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _require(self.precision in ("fp32", "bf16", "fp16"), "train.precision",
-                 f"must be fp32, bf16 or fp16, got {self.precision!r}")
-        _require(self.max_steps_per_epoch >= 0, "train.max_steps_per_epoch", "must be >= 0")
+
+def _plain_name(value: str) -> str:
+    if not value or "/" in value or "\\" in value or value in (".", ".."):
+        raise ValueError("must be a plain name (no slashes, not . or ..)")
+    return value
 
 
-@dataclass(kw_only=True)
-class RunSection:
-    name: str = "capsnet"
-    """Stable run name: rerunning the same command resumes this run."""
-    storage_path: str = "runs"
+def _bool_or_auto(value: Any) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ValueError("must be true, false or auto")
+
+
+class RunSection(Section):
+    name: Annotated[Str, AfterValidator(_plain_name)] = "capsnet"
+    """Stable run name (no slashes): rerunning the same command resumes this run."""
+    storage_path: Str = "runs"
     """Folder (or s3:// / gs:// URI) that holds <name>/ with checkpoints and metrics."""
-    num_workers: int = 1
+    num_workers: PositiveInt = 1
     """Training workers (DDP ranks), one GPU each when use_gpu."""
-    use_gpu: bool | Literal["auto"] = "auto"
-    """Train on GPUs; auto = if the cluster (or this machine) has any."""
-    cpus_per_worker: int = 1
+    use_gpu: Annotated[Bool | Literal["auto"], PlainValidator(_bool_or_auto)] = "auto"
+    """Train on GPUs: true, false, or auto = if the cluster (or this machine) has any."""
+    cpus_per_worker: PositiveInt = 1
     """CPUs reserved per worker (DataLoader workers run inside this budget)."""
-    max_failures: int = 2
-    """Worker/node failures Ray recovers from by restarting from the last checkpoint."""
-    keep_checkpoints: int = 2
+    max_failures: Annotated[Int, Field(ge=-1)] = 2
+    """Worker/node failures Ray recovers from by restarting from the last checkpoint (-1 =
+    unlimited)."""
+    keep_checkpoints: PositiveInt = 2
     """Checkpoints Ray keeps, best by test accuracy (the latest is kept for resuming too)."""
-    resume_from: str = ""
+    resume_from: Str = ""
     """A checkpoint.pt (or its folder) to start from when the run has no checkpoint yet."""
 
-    def __post_init__(self) -> None:
-        _require(bool(self.name) and "/" not in self.name, "run.name", f"must be a plain name, got {self.name!r}")
-        _require(self.num_workers >= 1, "run.num_workers", f"must be >= 1, got {self.num_workers}")
-        _require(self.cpus_per_worker >= 1, "run.cpus_per_worker", "must be >= 1")
-        _require(self.max_failures >= -1, "run.max_failures", "must be >= -1 (-1 = unlimited)")
-        _require(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
-        _require(self.use_gpu in (True, False, "auto"), "run.use_gpu", "must be true, false or auto")
 
-
-@dataclass(kw_only=True)
-class DebugSection:
-    crash_once_at_epoch: int = -1
+class DebugSection(Section):
+    crash_once_at_epoch: Int = -1
     """TEST ONLY: rank 0 exits hard once at the start of this epoch (fault-injection tests)."""
-    crash_marker: str = ""
+    crash_marker: Str = ""
     """TEST ONLY: file created on the crash so that it happens once."""
 
 
-@dataclass(kw_only=True)
-class RunConfig:
-    data: DataSection = field(default_factory=DataSection)
-    model: dict[str, Any] = field(default_factory=lambda: {"type": "capsnet"})
-    train: TrainSection = field(default_factory=TrainSection)
-    run: RunSection = field(default_factory=RunSection)
-    debug: DebugSection = field(default_factory=DebugSection)
+class RunConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    run: RunSection = Field(default_factory=RunSection)
+    debug: DebugSection = Field(default_factory=DebugSection)
 
-    def __post_init__(self) -> None:
-        self.model = dict(self.model)
-        kind = self.model.setdefault("type", "capsnet")
-        _require(kind in MODELS, "model.type", f"must be one of {sorted(MODELS)}, got {kind!r}")
-        self.model_config()  # validates the model keys and values now, not on a worker
-        _require(self.train.batch_size % self.run.num_workers == 0, "train.batch_size",
-                 f"{self.train.batch_size} must be divisible by run.num_workers={self.run.num_workers}")
-
-    def model_config(self, image_shape: tuple[int, int, int] | None = None,
-                     num_classes: int | None = None):
-        """The capscore config; image shape and classes come from the data unless set."""
-        params = {k: v for k, v in self.model.items() if k != "type"}
-        if image_shape is not None:
-            params.setdefault("in_channels", image_shape[0])
-            params.setdefault("image_size", image_shape[1])
-        if num_classes is not None:
-            params.setdefault("num_classes", num_classes)
-        config_cls = MODELS[self.model["type"]][1]
-        params = coerce_fields(config_cls, params, "model")
-        known = {f.name for f in dataclasses.fields(config_cls)}
-        unknown = sorted(set(params) - known)
-        _require(not unknown, "model", f"unknown key(s) {unknown} for type {self.model['type']!r}; "
-                                       f"known: {sorted(known)}")
+    @model_validator(mode="after")
+    def _check_together(self) -> RunConfig:
+        workers = self.run.num_workers
+        if self.train.batch_size % workers:
+            raise ValueError(
+                f"train.batch_size: {self.train.batch_size} must be divisible by "
+                f"run.num_workers={workers} (it is the global batch size)"
+            )
         try:
-            return config_cls(**params)
-        except ValueError as e:
-            raise ConfigError(f"model: {e}") from e
+            self.model.build_config()  # values the model rejects fail now, not on a worker
+        except ValueError as err:
+            raise ValueError(f"model: {err}") from None
+        return self
+
+    def build_model_config(
+        self, image_shape: tuple[int, int, int] | None = None, num_classes: int | None = None
+    ) -> Any:
+        """The capscore config of this run for data of this shape (see ModelSection)."""
+        return self.model.build_config(image_shape, num_classes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data (YAML/JSON-able), the form configs are written in; parse_run_config
+        reads it back."""
+        out = plain(self.model_dump(exclude={"model"}))
+        return {"data": out["data"], "model": self.model.to_yaml_dict(), **{
+            k: out[k] for k in ("train", "run", "debug")}}
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
-        raw = copy.deepcopy(raw)
-        _require(isinstance(raw, dict), "config", "must be a mapping of sections")
-        sections = {"data": DataSection, "train": TrainSection, "run": RunSection, "debug": DebugSection}
-        unknown = sorted(set(raw) - set(sections) - {"model"})
-        _require(not unknown, "config", f"unknown section(s) {unknown}; known: data, model, train, run, debug")
-        kwargs: dict[str, Any] = {}
-        for name, section_cls in sections.items():
-            values = raw.get(name) or {}
-            _require(isinstance(values, dict), name, "must be a mapping")
-            known = {f.name for f in dataclasses.fields(section_cls)}
-            bad = sorted(set(values) - known)
-            _require(not bad, name, f"unknown key(s) {[f'{name}.{k}' for k in bad]}; known: {sorted(known)}")
-            kwargs[name] = section_cls(**coerce_fields(section_cls, values, name))
-        model = raw.get("model") or {}
-        _require(isinstance(model, dict), "model", "must be a mapping")
-        return cls(**kwargs, model=model)
+    def replace(self, **sections: dict[str, Any]) -> RunConfig:
+        """A copy with some keys changed, e.g. replace(run={"num_workers": 1}), re-validated."""
+        raw = self.to_dict()
+        for section, values in sections.items():
+            raw[section] = {**raw[section], **values}
+        return parse_run_config(raw)
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings (values parsed as YAML) to a raw config dict."""
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        _require(bool(sep) and "." in key, item, "overrides look like section.key=value")
-        *path, leaf = key.strip().split(".")
-        node = raw
-        for part in path:
-            node = node.setdefault(part, {})
-            _require(isinstance(node, dict), key, f"{part} is not a section")
-        node[leaf] = yaml.safe_load(value)
+def _given(given: dict[str, Any], parsed: dict[str, Any]) -> dict[str, Any]:
+    """Validated override values (floats from '3e-4', ...) for exactly the keys the user gave,
+    nested configs included."""
+    out = {}
+    for key in given:
+        if key in ("type", "preset"):
+            continue
+        value = parsed.get(key)
+        if isinstance(given[key], dict) and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k in given[key]}
+        out[key] = plain(value)
+    return out
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def parse_run_config(raw: Any, source: str = "") -> RunConfig:
+    """Validate a run config given as plain data; every error in one ConfigError."""
+    if not isinstance(raw, dict):
+        raise_config_error([f"must be a mapping of sections, got {type(raw).__name__}"], source)
+    raw = {k: {} if v is None else v for k, v in raw.items()}  # `debug:` alone = the defaults
+    errors: list[str] = []
+    given = raw.get("model") or {}
+    section = ModelSection()
+    if not isinstance(given, dict):
+        errors.append(f"model: must be a mapping, got {given!r}")
+    else:
+        try:
+            parsed = _MODEL_FORM.validate_python(given)
+            overrides = parsed.model_dump(exclude_unset=True, exclude={"type", "preset"})
+            section = ModelSection(
+                type=parsed.type, preset=parsed.preset, overrides=_given(given, overrides)
+            )
+        except ValidationError as err:
+            errors += error_lines(err, ("model",), root=_family_forms.get(given.get("type", "capsnet")))
+    try:
+        config = RunConfig.model_validate({**raw, "model": section})
+    except ValidationError as err:
+        errors += error_lines(err, root=RunConfig)
+    if errors:
+        raise_config_error(errors, source)
+    return config
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a dict; errors name the file (and line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) to a raw config dict.
+
+    Under `search.space` the rest of the key is one dotted run-config key:
+    `search.space.train.lr={loguniform: [1e-4, 1e-2]}` sets the space's "train.lr"."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"{item!r}: overrides look like section.key=value")
+        parts = key.strip().split(".")
+        if parts[:2] == ["search", "space"] and len(parts) > 2:
+            parts = [*parts[:2], ".".join(parts[2:])]
+        *path, leaf = parts
+        node = raw
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is not a section")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: cannot parse value {value!r} ({err})") from None
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config, apply dotted overrides, validate everything."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        _require(p.is_file(), str(path), "config file not found")
-        raw = yaml.safe_load(p.read_text()) or {}
-    return RunConfig.from_dict(apply_overrides(raw, list(overrides)))
+    raw = load_yaml(path) if path is not None else {}
+    return parse_run_config(apply_overrides(raw, list(overrides)), str(path or ""))

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from pipeline.train.checkpoint import unwrap
+from pipeline.torch_utils import unwrap
 
 
 @dataclass
@@ -19,6 +18,8 @@ class EvalResult:
     loss_sums: dict[str, float]
     confusion: torch.Tensor | None = field(default=None, repr=False)
     """[J, J] counts, rows = true class, columns = predicted (single-label data only)."""
+    samples_skipped: int = 0
+    """Samples of the split the loader could not read (summed over ranks)."""
 
     @property
     def accuracy(self) -> float:
@@ -43,7 +44,7 @@ def correct_predictions(scores_BJ: torch.Tensor, targets: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device: torch.device, num_classes: int,
+def evaluate(model: torch.nn.Module, loader, device: torch.device,
              autocast: AbstractContextManager | None = None, distributed: bool = False,
              ) -> EvalResult:
     """Accuracy, summed loss parts and confusion matrix over this rank's share, then summed
@@ -51,6 +52,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_classes: 
     # Forward through the plain module: ranks may run one eval batch more or less than each
     # other, and the DDP wrapper's forward can issue collectives.
     inner = unwrap(model)
+    num_classes = inner.config.num_classes
     was_training = inner.training
     inner.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -72,45 +74,19 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, num_classes: 
             confusion += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
     inner.train(was_training)
     names = sorted(sums)
+    skipped = torch.tensor(float(loader.stats.samples_skipped), device=device)
     if distributed:
         # One fixed-order vector, one collective. Every rank has at least one eval batch (the
         # loader refuses a rank with no data), so all ranks hold the same part names.
-        packed = torch.stack([correct.float(), total.float(),
+        packed = torch.stack([correct.float(), total.float(), skipped,
                               *[sums.get(n, torch.zeros((), device=device)) for n in names]])
         dist.all_reduce(packed)
         dist.all_reduce(confusion)
-        correct, total = packed[0].long(), packed[1].long()
-        sums = dict(zip(names, packed[2:], strict=True))
+        correct, total, skipped = packed[0].long(), packed[1].long(), packed[2]
+        sums = dict(zip(names, packed[3:], strict=True))
     return EvalResult(correct=int(correct), total=int(total),
                       loss_sums={k: float(v) for k, v in sums.items()},
-                      confusion=confusion.cpu())
-
-
-def evaluate_checkpoint(checkpoint: str | Path, shards: str, split: str = "test", *,
-                        batch_size: int = 500, device: str = "auto", num_workers: int = 2,
-                        out_dir: str | Path | None = None) -> EvalResult:
-    """`capsnet eval`: exact metrics of a checkpoint on one split; prints and writes a PNG."""
-    from pipeline.data import load_dataset_info, make_loader
-    from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from pipeline.train.outputs import save_confusion
-
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt)
-    info = load_dataset_info(shards)
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    loader = make_loader(shards, split, batch_size=batch_size, num_workers=num_workers,
-                         training=False, augment=False)
-    result = evaluate(model.to(dev), loader, dev, info.num_classes)
-    print(format_result(result, f"{Path(checkpoint)} on {shards} [{split}]"))
-    if result.confusion is not None and result.total:
-        folder = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent
-        if folder.suffix == ".pt":
-            folder = folder.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        png = folder / f"confusion-{split}.png"
-        save_confusion(result.confusion, png, f"{split}: accuracy {result.accuracy:.4f}")
-        print(f"confusion matrix: {png}")
-    return result
+                      confusion=confusion.cpu(), samples_skipped=int(skipped))
 
 
 def format_result(result: EvalResult, title: str) -> str:

@@ -1,6 +1,6 @@
-"""`make train-cluster` / `make tune-cluster`: submit `capsnet train|tune` as a Ray Job.
+"""`capsnet submit` (`make train-cluster` / `make tune-cluster`): `capsnet train|tune` as a Ray Job.
 
-    python -m pipeline.submit train --config configs/cluster/mnist-16gpu.yaml [--address URL]
+    capsnet submit train --config configs/cluster/mnist-16gpu.yaml [--address URL]
 
 What it does, in order:
 1. validates the run config here (a typo fails in a second, not after an upload);
@@ -26,7 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Sequence  # noqa: F401
 from pathlib import Path
 from typing import Any
 
@@ -54,43 +54,6 @@ Token: Ray clusters require their auth token. Give it to this command from outsi
 
 class SubmitError(RuntimeError):
     """Something to fix before a job can be submitted; the message says what."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.submit",
-        description="Submit `capsnet train` or `capsnet tune` to a running Ray cluster as a Ray "
-                    "Job, follow its logs, and exit non-zero if it fails.",
-        epilog="examples:\n"
-               "  make train-cluster RAY_ADDRESS=http://127.0.0.1:8265 "
-               "CONFIG=configs/cluster/mnist-16gpu.yaml\n"
-               "  python -m pipeline.submit train --config configs/smoke.yaml "
-               "--address http://127.0.0.1:8265 --set train.epochs=1\n\n" + HOW_TO_START,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["train", "tune"], help="capsnet subcommand to run")
-    parser.add_argument("--config", required=True, help="YAML run (or search) config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="dotted override passed on (repeatable)")
-    parser.add_argument("--address", default=None,
-                        help="the cluster's Jobs API (dashboard) URL, e.g. http://127.0.0.1:8265; "
-                             "default: $RAY_ADDRESS")
-    parser.add_argument("--working-dir", default=".",
-                        help="folder uploaded as the job's working dir (default: .)")
-    parser.add_argument("--submission-id", default=None,
-                        help="job id (default: capsnet-<command>-<run name>-<time>)")
-    parser.add_argument("--entrypoint-num-cpus", type=float, default=None,
-                        help="CPUs reserved for the driver process (default: none)")
-    parser.add_argument("--pip-deps", action="store_true",
-                        help="install the project's dependencies (pyproject.toml, minus ray) on "
-                             "the nodes through the job's runtime env; for clusters whose image "
-                             "has only Ray (e.g. cluster/kuberay/raycluster.yaml)")
-    parser.add_argument("--no-wait", action="store_true",
-                        help="submit and return; follow later with `ray job logs -f ID`")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the `ray job submit` command and exit (no cluster needed)")
-    parser.add_argument("--timeout", type=float, default=10.0,
-                        help="seconds to wait for the cluster to answer (default: 10)")
-    return parser
 
 
 # --- address and token ----------------------------------------------------------------------
@@ -263,29 +226,22 @@ def submit_command(args: argparse.Namespace, address: str, run_name: str) -> lis
     return [*cmd, "--", *entrypoint]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run_name = validate_locally(args.command, Path(args.config), args.overrides)
-        env = auth_env(dict(os.environ))
-        if args.dry_run:
-            address = (args.address or env.get("RAY_ADDRESS") or "http://HEAD:8265").rstrip("/")
-            print(shlex.join(submit_command(args, address, run_name)))
-            return 0
-        address = resolve_address(args.address, env)
-        check_reachable(address, env, args.timeout)
-        cmd = submit_command(args, address, run_name)
-    except SubmitError as e:
-        print(f"pipeline.submit: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # ConfigError and YAML errors: the message names the key
-        print(f"pipeline.submit: config error: {e}", file=sys.stderr)
-        return 2
+def submit(args: argparse.Namespace) -> int:
+    """`capsnet submit`: validate, reach the cluster, run `ray job submit` and follow it."""
+    run_name = validate_locally(args.command, Path(args.config), args.overrides)
+    env = auth_env(dict(os.environ))
+    if args.dry_run:
+        address = (args.address or env.get("RAY_ADDRESS") or "http://HEAD:8265").rstrip("/")
+        print(shlex.join(submit_command(args, address, run_name)))
+        return 0
+    address = resolve_address(args.address, env)
+    check_reachable(address, env, args.timeout)
+    cmd = submit_command(args, address, run_name)
     env.pop("RAY_ADDRESS", None)  # --address is explicit; a stale ray:// value would confuse ray
     print(f"[submit] {shlex.join(cmd[cmd.index('job'):])}", flush=True)
     returncode = run_submit(cmd, env, args.working_dir)
     if returncode != 0:
-        print(f"pipeline.submit: the job failed or could not be followed (exit {returncode}); "
+        print(f"capsnet submit: the job failed or could not be followed (exit {returncode}); "
               f"`ray job logs --address {address} <id>` shows its logs", file=sys.stderr)
     return returncode
 
@@ -314,6 +270,3 @@ def run_submit(cmd: list[str], env: dict[str, str], cwd: str, tries: int = 6) ->
         time.sleep(5)
     return returncode
 
-
-if __name__ == "__main__":
-    sys.exit(main())

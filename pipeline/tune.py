@@ -26,91 +26,161 @@ from __future__ import annotations
 import copy
 import csv
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 
-from pipeline.config import ConfigError, RunConfig, absolute_path, apply_overrides
+from pipeline.config import (
+    ConfigError,
+    RunConfig,
+    absolute_path,
+    apply_overrides,
+    load_yaml,
+    parse_run_config,
+)
+from pipeline.figures import save_search_plot
+from pipeline.schema import Float, Int, Section, Str, error_lines, raise_config_error
 
-DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
-SCHEDULERS = ("asha", "fifo")
-SEARCH_ALGS = ("random", "optuna")
+PositiveInt = Annotated[Int, Field(ge=1)]
 
 
-@dataclass(kw_only=True)
-class SearchSection:
-    name: str = "tune"
+class Choice(Section):
+    choice: Annotated[list[Any], Field(min_length=1)]
+    """Sample one of these values."""
+
+
+class Grid(Section):
+    grid: Annotated[list[Any], Field(min_length=1)]
+    """Try every value (multiplies num_samples)."""
+
+
+class _Range(Section):
+    def bounds(self) -> list[Any]:
+        return list(next(iter(self.model_dump().values())))
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        low, high = self.bounds()
+        if not low < high:
+            raise ValueError(f"low must be < high, got [{low}, {high}]")
+        return self
+
+
+class Uniform(_Range):
+    uniform: tuple[Float, Float]
+    """[low, high]"""
+
+
+class LogUniform(_Range):
+    loguniform: tuple[Annotated[Float, Field(gt=0)], Annotated[Float, Field(gt=0)]]
+    """[low, high], both > 0"""
+
+
+class RandInt(_Range):
+    randint: tuple[Int, Int]
+    """[low, high], both included"""
+
+
+DISTRIBUTIONS = {"choice": Choice, "grid": Grid, "uniform": Uniform, "loguniform": LogUniform,
+                 "randint": RandInt}
+
+
+def _kind(spec: Any) -> str:
+    keys = list(spec) if isinstance(spec, dict) else []
+    return f"<{keys[0]}>" if len(keys) == 1 else "<?>"
+
+
+Distribution = Annotated[
+    Union[tuple(Annotated[cls, Tag(f"<{k}>")] for k, cls in DISTRIBUTIONS.items())],  # noqa: UP007
+    Discriminator(_kind, custom_error_type="distribution",
+                  custom_error_message=f"must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}"),
+]
+
+
+class SchedulerSection(Section):
+    type: Literal["asha", "fifo"] = "asha"
+    """asha (stops weak trials early) or fifo (runs every trial to the end)."""
+    grace_period: PositiveInt = 1
+    """ASHA: epochs every trial runs before it can be stopped."""
+    reduction_factor: Annotated[Int, Field(ge=2)] = 2
+    """ASHA: keep 1 / reduction_factor of the trials at each rung."""
+
+
+class SearchSection(Section):
+    name: Annotated[Str, Field(min_length=1, pattern=r"^[^/]+$")] = "tune"
     """Experiment name: <storage_path>/<name>/ holds Tune's state and every trial's run."""
-    storage_path: str = "runs"
+    storage_path: Str = "runs"
     """Folder or s3:// / gs:// URI for the experiment."""
-    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    space: dict[str, Distribution] = Field(default_factory=dict)
     """Dotted run-config keys -> {choice|grid: [...]} or {uniform|loguniform|randint: [lo, hi]}."""
-    num_samples: int = 4
+    num_samples: PositiveInt = 4
     """Trials sampled from the space (each grid entry multiplies it)."""
-    metric: str = "test_accuracy"
+    metric: Str = "test_accuracy"
     """Reported metric that ranks trials."""
-    mode: str = "max"
+    mode: Literal["max", "min"] = "max"
     """max or min."""
-    scheduler: dict[str, Any] = field(default_factory=lambda: {"type": "asha"})
-    """{type: asha, grace_period, reduction_factor} or {type: fifo}."""
-    search_alg: str = "random"
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    """Early stopping of weak trials."""
+    search_alg: Literal["random", "optuna"] = "random"
     """random (Tune's variant generator; handles grid entries) or optuna (needs optuna)."""
-    max_concurrent_trials: int = 0
+    max_concurrent_trials: Annotated[Int, Field(ge=0)] = 0
     """0 = fit to the cluster: GPUs (or CPUs) / what one trial's workers need."""
-    max_failures: int = 1
+    max_failures: Annotated[Int, Field(ge=-1)] = 1
     """Times Tune retries a failed trial; the retry resumes from the trial's checkpoint."""
 
-    def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"search.name: must be a plain name, got {self.name!r}")
-        if self.num_samples < 1:
-            raise ConfigError(f"search.num_samples: must be >= 1, got {self.num_samples}")
-        if self.mode not in ("max", "min"):
-            raise ConfigError(f"search.mode: must be max or min, got {self.mode!r}")
-        kind = self.scheduler.get("type", "asha")
-        if kind not in SCHEDULERS:
-            raise ConfigError(f"search.scheduler.type: must be one of {SCHEDULERS}, got {kind!r}")
-        extra = set(self.scheduler) - {"type", "grace_period", "reduction_factor"}
-        if extra:
-            raise ConfigError(f"search.scheduler: unknown key(s) {sorted(extra)}")
-        for key in ("grace_period", "reduction_factor"):
-            if key in self.scheduler and not (isinstance(self.scheduler[key], int) and self.scheduler[key] >= 1):
-                raise ConfigError(f"search.scheduler.{key}: must be an integer >= 1")
-        if self.search_alg not in SEARCH_ALGS:
-            raise ConfigError(f"search.search_alg: must be one of {SEARCH_ALGS}, got {self.search_alg!r}")
-        if self.max_concurrent_trials < 0:
-            raise ConfigError("search.max_concurrent_trials: must be >= 0")
-        if not isinstance(self.space, dict):
-            raise ConfigError("search.space: must be a mapping of dotted keys to distributions")
-        # YAML reads 1e-3 as a string and 1 as an int: bounds of continuous ranges are floats
-        self.space = {k: _as_float_bounds(v) for k, v in self.space.items()}
-        for key, spec in self.space.items():
-            _check_distribution(key, spec)
+    def values(self, key: str) -> list[Any]:
+        """Values that every sample of `key` lies between: all choices, or both bounds."""
+        spec = self.space[key]
+        return spec.bounds() if isinstance(spec, _Range) else list(next(iter(spec.model_dump().values())))
+
+    def space_dict(self) -> dict[str, dict[str, Any]]:
+        return {k: v.model_dump(mode="json") for k, v in self.space.items()}
 
 
-@dataclass
-class TuneConfig:
+class TuneConfig(Section):
     base: dict[str, Any]
-    """The run config every trial starts from (validated)."""
+    """The run config every trial starts from (validated; plain data for Ray)."""
     search: SearchSection
 
 
-def _check_distribution(key: str, spec: Any) -> None:
-    where = f"search.space.{key}"
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-        raise ConfigError(f"{where}: must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
-    kind, values = next(iter(spec.items()))
-    if not isinstance(values, list) or not values:
-        raise ConfigError(f"{where}.{kind}: must be a non-empty list, got {values!r}")
-    if kind in ("uniform", "loguniform", "randint"):
-        if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values):
-            raise ConfigError(f"{where}.{kind}: must be [low, high], got {values!r}")
-        if not values[0] < values[1]:
-            raise ConfigError(f"{where}.{kind}: low must be < high, got {values!r}")
-        if kind == "loguniform" and values[0] <= 0:
-            raise ConfigError(f"{where}.loguniform: bounds must be > 0, got {values!r}")
+def load_tune_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TuneConfig:
+    """Read and validate a search config; every corner of the space is validated as a run
+    config too, so an unknown key, an empty choice or lr <= 0 fails before Ray starts."""
+    raw = apply_overrides(load_yaml(path), list(overrides))
+    search_raw = raw.pop("search", None)
+    if not isinstance(search_raw, dict):
+        raise ConfigError(f"{path}: needs a `search:` section (see `capsnet tune --help`)")
+    errors: list[str] = []
+    search = None
+    try:
+        search = SearchSection.model_validate(search_raw)
+    except ValidationError as err:
+        errors += error_lines(err, ("search",), root=SearchSection)
+    try:
+        base = parse_run_config(raw).to_dict()
+    except ConfigError as err:
+        errors += err.lines
+        base = None
+    if search is not None and base is not None:
+        for key in search.space:
+            if key.split(".")[0] not in ("data", "model", "train", "run"):
+                errors.append(f"search.space.{key}: must start with data., model., train. or run.")
+                continue
+            for value in search.values(key):
+                try:
+                    parse_run_config(apply_params(base, {key: value}))
+                except ConfigError as e:
+                    errors.append(f"search.space.{key}={value!r}: {e}")
+    if search is not None:
+        try:
+            _search_alg(search)  # optuna missing, or grid entries it cannot take
+        except ConfigError as err:
+            errors.append(str(err))
+    if errors:
+        raise_config_error(errors, str(path))
+    return TuneConfig(base=base, search=search)
 
 
 def _history(result, trial: str, trial_storage: str) -> list[dict[str, Any]]:
@@ -126,26 +196,6 @@ def _history(result, trial: str, trial_storage: str) -> list[dict[str, Any]]:
     return df.to_dict("records") if df is not None else []
 
 
-def _corners(spec: dict[str, Any]) -> list[Any]:
-    """Values that every sample lies between: all choices, or both bounds."""
-    kind, values = next(iter(spec.items()))
-    return list(values) if kind in ("choice", "grid") else [values[0], values[1]]
-
-
-def _as_float_bounds(spec: Any) -> Any:
-    """Bounds of continuous ranges as floats ('1e-3' and 1 included); anything else as is,
-    for _check_distribution to judge."""
-    if not (isinstance(spec, dict) and len(spec) == 1):
-        return spec
-    kind, values = next(iter(spec.items()))
-    if kind not in ("uniform", "loguniform") or not isinstance(values, list):
-        return spec
-    try:
-        return {kind: [float(v) for v in values]}
-    except (TypeError, ValueError):
-        return spec
-
-
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """The base run config with each dotted key set to its sampled value."""
     raw = copy.deepcopy(base)
@@ -158,39 +208,11 @@ def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
     return raw
 
 
-def load_tune_config(path: str | Path, overrides: list[str] = ()) -> TuneConfig:
-    """Read and validate a search config; every sampled corner of the space is validated as a
-    run config too, so an unknown key, an empty choice or lr <= 0 fails before Ray starts."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: search config file not found")
-    raw = apply_overrides(yaml.safe_load(p.read_text()) or {}, list(overrides))
-    search_raw = raw.pop("search", None)
-    if not isinstance(search_raw, dict):
-        raise ConfigError(f"{path}: needs a `search:` section (see `capsnet tune --help`)")
-    known = set(SearchSection.__dataclass_fields__)
-    unknown = sorted(set(search_raw) - known)
-    if unknown:
-        raise ConfigError(f"search: unknown key(s) {unknown}; known: {sorted(known)}")
-    search_raw["space"] = search_raw.get("space") or {}
-    search = SearchSection(**search_raw)
-    base = RunConfig.from_dict(raw).to_dict()
-    for key, spec in search.space.items():
-        if key.split(".")[0] not in ("data", "model", "train", "run"):
-            raise ConfigError(f"search.space.{key}: must start with data., model., train. or run.")
-        for value in _corners(spec):
-            try:
-                RunConfig.from_dict(apply_params(base, {key: value}))
-            except ConfigError as e:
-                raise ConfigError(f"search.space.{key}={value!r}: {e}") from None
-    return TuneConfig(base=base, search=search)
-
-
 def param_space(search: SearchSection) -> dict[str, Any]:
     from ray import tune
 
-    def to_tune(spec: dict[str, Any]):
-        kind, values = next(iter(spec.items()))
+    def to_tune(spec: Section):
+        kind, values = next(iter(spec.model_dump().items()))
         if kind == "choice":
             return tune.choice(values)
         if kind == "grid":
@@ -218,7 +240,7 @@ def trial_driver(config: dict[str, Any]) -> None:
     raw = apply_params(config["base"], config["params"])
     raw["run"]["name"] = tune.get_context().get_trial_id()
     raw["run"]["storage_path"] = config["trial_storage"]
-    cfg = RunConfig.from_dict(raw)
+    cfg = parse_run_config(raw)
     trainer = build_trainer(cfg, callbacks=[TuneReportCallback()])
     trainer.fit()
 
@@ -242,11 +264,10 @@ def _scheduler(search: SearchSection, epochs: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sched = search.scheduler
-    if sched.get("type", "asha") == "fifo":
+    if sched.type == "fifo":
         return FIFOScheduler()
     return ASHAScheduler(time_attr="training_iteration", max_t=epochs,
-                         grace_period=sched.get("grace_period", 1),
-                         reduction_factor=sched.get("reduction_factor", 2))
+                         grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
 
 
 def _search_alg(search: SearchSection):
@@ -257,7 +278,7 @@ def _search_alg(search: SearchSection):
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:
         raise ConfigError("search.search_alg=optuna needs optuna: pip install -e '.[optuna]'") from None
-    if any("grid" in spec for spec in search.space.values()):
+    if any(isinstance(spec, Grid) for spec in search.space.values()):
         raise ConfigError("search.search_alg=optuna does not take grid entries; use choice")
     return OptunaSearch()
 
@@ -268,7 +289,7 @@ def run_tune(tc: TuneConfig, *, resume: bool = False) -> Path:
 
     from pipeline.train.trainer import init_ray, with_absolute_paths
 
-    base = with_absolute_paths(RunConfig.from_dict(tc.base))
+    base = with_absolute_paths(parse_run_config(tc.base))
     search = tc.search
     storage = absolute_path(search.storage_path)
     exp_dir = f"{storage.rstrip('/')}/{search.name}"
@@ -313,7 +334,7 @@ def result_rows(results, tc: TuneConfig) -> list[dict[str, Any]]:
         history = _history(result, trial, result.config.get("trial_storage", ""))
         values = [h[search.metric] for h in history if search.metric in h]
         best = (max(values) if search.mode == "max" else min(values)) if values else math.nan
-        cfg = RunConfig.from_dict(apply_params(tc.base, params))
+        cfg = parse_run_config(apply_params(tc.base, params))
         epochs = max((int(h.get("epoch", 0)) for h in history), default=0)
         seconds = sum(float(h.get("epoch_time_s", 0.0)) for h in history)
         rows.append({
@@ -372,39 +393,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_search(rows: list[dict[str, Any]], tc: TuneConfig, path: Path) -> None:
-    """Best metric against routing iterations (and against lr), one point per trial."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = f"best_{tc.search.metric}"
-    axes_keys = [k for k in ("model.routing_iterations", "train.lr") if k in tc.search.space]
+    """Best metric against routing iterations and lr (or the first two keys of the space)."""
+    preferred = ("model.routing.iterations", "train.lr")
+    axes_keys = [k for k in preferred if k in tc.search.space]
     axes_keys += [k for k in tc.search.space if k not in axes_keys][: max(0, 2 - len(axes_keys))]
-    if not axes_keys:
-        axes_keys = ["trial"]
-    fig, axes = plt.subplots(1, len(axes_keys), figsize=(4.5 * len(axes_keys), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], axes_keys, strict=True):
-        xs = [r[key] for r in rows]
-        ys = [r[metric] for r in rows]
-        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
-        positions = xs if numeric else [sorted({str(x) for x in xs}).index(str(x)) for x in xs]
-        colors = ["tab:orange" if r["stopped_early"] else "tab:blue" for r in rows]
-        ax.scatter(positions, ys, c=colors)
-        if not numeric:
-            labels = sorted({str(x) for x in xs})
-            ax.set_xticks(range(len(labels)), labels)
-        if numeric and all(float(x).is_integer() for x in xs):
-            ax.set_xticks(sorted(set(xs)))
-        if key == "train.lr":
-            from matplotlib.ticker import NullFormatter
-
-            ax.set_xscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(key)
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_title("blue: ran all epochs, orange: stopped early", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_search_plot(rows, f"best_{tc.search.metric}", axes_keys or ["trial"], path)

@@ -1,5 +1,6 @@
 """Data layer: datasets → WebDataset shards → a streaming loader that feeds DDP ranks evenly."""
 
+from pipeline.data.config import DataConfig
 from pipeline.data.info import (
     DataError,
     DatasetInfo,
@@ -8,24 +9,26 @@ from pipeline.data.info import (
     SplitInfo,
     load_dataset_info,
 )
-from pipeline.data.loader import LoaderConfig, LoaderStats, ShardLoader, make_loader
+from pipeline.data.loader import LoaderStats, Pass, ShardLoader, make_loader, open_loader
 from pipeline.data.partition import PartitionError, plan_epoch
 from pipeline.data.shards import DATASETS, ShardsConfig, write_shards
 
 __all__ = [
     "DATASETS",
+    "DataConfig",
     "DataError",
     "DatasetInfo",
-    "LoaderConfig",
     "LoaderStats",
     "MissingDataError",
     "PartitionError",
+    "Pass",
     "ShardInfo",
     "ShardLoader",
     "ShardsConfig",
     "SplitInfo",
     "load_dataset_info",
     "make_loader",
+    "open_loader",
     "plan_epoch",
     "write_shards",
 ]

@@ -47,12 +47,19 @@ def _pad(images_N1HW: np.ndarray, size: int) -> np.ndarray:
 
 
 def multimnist_source(base: Source, *, pairs_per_digit: int = 1, seed: int = 0) -> Source:
-    """Each digit, shifted ≤ 4 px on 36×36, overlaid on a shifted digit of another class."""
+    """Each digit, shifted ≤ 4 px on 36×36, overlaid on a shifted digit of another class.
+
+    Multi-hot labels are `base.num_classes` wide in every split, also in a split that
+    lacks the highest classes.
+    """
     if pairs_per_digit < 1:
         raise DataError(f"pairs_per_digit must be >= 1, got {pairs_per_digit}")
     splits = {
         split: _multimnist_split(
-            *_digits(base, split), pairs_per_digit, np.random.default_rng([seed, i])
+            *_digits(base, split),
+            base.num_classes,
+            pairs_per_digit,
+            np.random.default_rng([seed, i]),
         )
         for i, split in enumerate(("train", "test"))
     }
@@ -69,7 +76,11 @@ def multimnist_source(base: Source, *, pairs_per_digit: int = 1, seed: int = 0) 
 
 
 def _multimnist_split(
-    images: np.ndarray, labels: np.ndarray, pairs: int, rng: np.random.Generator
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    pairs: int,
+    rng: np.random.Generator,
 ) -> SplitSource:
     n = len(images)
     if len(np.unique(labels)) < 2:
@@ -80,7 +91,6 @@ def _multimnist_split(
     while (same := labels[second] == labels[first]).any():
         second[same] = rng.integers(0, n, size=int(same.sum()))
     shifts = rng.integers(-MULTI_SHIFT, MULTI_SHIFT + 1, size=(len(first), 4))
-    num_classes = int(labels.max()) + 1
     canvas = _pad(images, MULTI_SIZE)
 
     def take(idx: np.ndarray) -> Fields:

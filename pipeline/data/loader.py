@@ -17,7 +17,7 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import urls
 from pipeline.data.augment import random_shift
+from pipeline.data.config import DataConfig
 from pipeline.data.info import (
     IMAGE_FIELD,
     DataError,
@@ -42,31 +43,19 @@ _MAX_LOGGED = 10  # per worker: bad samples are counted always, logged only at f
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoaderConfig:
-    """How one rank reads one split."""
+class Pass:
+    """Which part of a split one rank reads in one pass; the settings come from DataConfig."""
 
     batch_size: int
+    """Per-rank batch size."""
     rank: int = 0
     world_size: int = 1
-    num_workers: int = 0
-    """DataLoader worker processes; 0 reads in the calling process."""
     epoch: int = 0
     """With `seed`, fixes shard order, shuffle and augmentation: resuming replays an epoch."""
     seed: int = 0
-    augment: bool = True
-    """Random ±max_shift px shift per sample; applied only when `training`."""
     training: bool = True
-    """True: shuffled, equal full batches on every rank. False: every sample once, in order."""
-    shuffle_buffer: int = 2048
-    """Samples held per worker for shuffling (shards are globally pre-shuffled already)."""
-    max_shift: int = 2
-    on_error: Literal["skip", "raise"] = "skip"
-    """Corrupt shards and malformed samples: skip and count them, or raise."""
-    verify_checksums: bool = False
-    """Hash every shard of the split against dataset.json before reading (reads them all)."""
-    pin_memory: bool = False
-    prefetch_factor: int = 4
-    """Batches each worker prepares ahead (only with num_workers > 0)."""
+    """True: shuffled, augmented, equal full batches on every rank. False: every sample once,
+    in order."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -75,17 +64,6 @@ class LoaderConfig:
             raise ValueError(
                 f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}"
             )
-        if (
-            self.num_workers < 0
-            or self.shuffle_buffer < 1
-            or self.max_shift < 0
-            or self.prefetch_factor < 1
-        ):
-            raise ValueError(
-                "num_workers, max_shift must be >= 0; shuffle_buffer, prefetch_factor >= 1"
-            )
-        if self.on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
 
 
 STAT_NAMES = (
@@ -154,20 +132,23 @@ class _Counters:
 class ShardStream(IterableDataset):
     """One rank's batches for one epoch; each DataLoader worker yields its planned share."""
 
-    def __init__(self, info: DatasetInfo, split: str, config: LoaderConfig, counters: _Counters):
-        self.info, self.split, self.config, self.counters = info, split, config, counters
+    def __init__(
+        self, info: DatasetInfo, split: str, data: DataConfig, part: Pass, counters: _Counters
+    ):
+        self.info, self.split, self.data, self.part = info, split, data, part
+        self.counters = counters
         self.urls = info.shard_urls(split)
         self.shard_sizes = [s.num_samples for s in info.split(split).shards]
         self.image_bytes = int(np.prod(info.image_shape))
         self._logged = 0
 
     def plan(self, worker: int = 0) -> WorkerPlan:
-        c = self.config
+        c = self.part
         ranks = plan_epoch(
             self.shard_sizes,
             batch_size=c.batch_size,
             world_size=c.world_size,
-            num_workers=c.num_workers,
+            num_workers=self.data.loader_workers,
             epoch=c.epoch,
             seed=c.seed,
             training=c.training,
@@ -178,13 +159,13 @@ class ShardStream(IterableDataset):
         worker_info = get_worker_info()
         worker = worker_info.id if worker_info is not None else 0
         plan = self.plan(worker)
-        c = self.config
+        c = self.part
         seed_words = [c.seed, c.epoch, c.rank, worker]
         rand = random.Random(":".join(map(str, seed_words))).random
         np_rng = np.random.default_rng(seed_words)
         samples = self._read(plan.slices)
         if c.training:
-            samples = _shuffled(samples, c.shuffle_buffer, rand)
+            samples = _shuffled(samples, self.data.shuffle_buffer, rand)
         yield from self._batches(samples, plan, rand, np_rng, worker)
 
     # --- reading ---------------------------------------------------------------------------
@@ -259,7 +240,7 @@ class ShardStream(IterableDataset):
 
     def _bad_sample(self, reason: str, detail: str, url: str, key: str) -> None:
         message = f"{url}: sample {key!r}: {detail}"
-        if self.config.on_error == "raise":
+        if self.data.on_error == "raise":
             raise DataError(message)
         self.counters.add(reason)
         if self._logged < _MAX_LOGGED:
@@ -268,7 +249,7 @@ class ShardStream(IterableDataset):
 
     def _bad_shard(self, url: str, detail: str, lost: int) -> None:
         message = f"{url}: {detail}"
-        if self.config.on_error == "raise":
+        if self.data.on_error == "raise":
             raise DataError(message)
         self.counters.add("bad_shards")
         self.counters.add("lost_in_bad_shards", lost)
@@ -284,7 +265,7 @@ class ShardStream(IterableDataset):
         np_rng: np.random.Generator,
         worker: int,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        bs = self.config.batch_size
+        bs = self.part.batch_size
         batch: list[Sample] = []
         emitted, last_full = 0, []
         for sample in samples:
@@ -292,7 +273,7 @@ class ShardStream(IterableDataset):
             if len(batch) == bs:
                 yield self._collate(batch, np_rng, padded=0)
                 emitted, last_full, batch = emitted + 1, batch, []
-        if not self.config.training:
+        if not self.part.training:
             if batch:
                 yield self._collate(batch, np_rng, padded=0)
             return
@@ -300,7 +281,7 @@ class ShardStream(IterableDataset):
         while emitted < plan.num_batches:
             if not pool:
                 raise DataError(
-                    f"rank {self.config.rank} worker {worker}: no readable sample in its {len(plan.slices)} "
+                    f"rank {self.part.rank} worker {worker}: no readable sample in its {len(plan.slices)} "
                     f"slice(s) of split {self.split!r}, so it cannot yield its {plan.num_batches} batch(es)"
                 )
             fill = [pool[int(rand() * len(pool))] for _ in range(bs - len(batch))]
@@ -314,8 +295,8 @@ class ShardStream(IterableDataset):
         # bytearray.join gives a writable buffer, so torch needs no extra copy or warning.
         pixels = np.frombuffer(bytearray().join(image for image, _ in batch), dtype=np.uint8)
         images_u8 = pixels.reshape(n, *self.info.image_shape)
-        if self.config.training and self.config.augment:
-            images_u8 = random_shift(images_u8, self.config.max_shift, np_rng)
+        if self.part.training and self.data.augment:
+            images_u8 = random_shift(images_u8, self.data.max_shift, np_rng)
         images = torch.from_numpy(images_u8).to(torch.float32).div_(255.0)
         if self.info.label_kind == "index":
             labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
@@ -360,19 +341,22 @@ def _close_quietly(stream: Any, expect_clean: bool) -> None:
 class ShardLoader:
     """Iterable of (images float32 [B,C,H,W] in [0,1], labels) for one rank and epoch."""
 
-    def __init__(self, info: DatasetInfo, split: str, config: LoaderConfig):
-        self.info, self.split, self.config = info, split, config
+    def __init__(self, info: DatasetInfo, split: str, data: DataConfig, part: Pass):
+        self.info, self.split, self.data, self.part = info, split, data, part
         self._counters = _Counters()
-        self.dataset = ShardStream(info, split, config, self._counters)
+        self.dataset = ShardStream(info, split, data, part, self._counters)
+
+    def _workers(self) -> range:
+        return range(max(self.data.loader_workers, 1))
 
     def __len__(self) -> int:
         """Batches this rank yields this epoch (identical on every rank when training)."""
-        return sum(self.dataset.plan(w).num_batches for w in range(max(self.config.num_workers, 1)))
+        return sum(self.dataset.plan(w).num_batches for w in self._workers())
 
     @property
     def num_samples(self) -> int:
         """Samples this rank reads this epoch (before any skips)."""
-        return sum(self.dataset.plan(w).num_samples for w in range(max(self.config.num_workers, 1)))
+        return sum(self.dataset.plan(w).num_samples for w in self._workers())
 
     @property
     def stats(self) -> LoaderStats:
@@ -381,67 +365,70 @@ class ShardLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Read epoch `epoch` on the next pass (new shard order, shuffle and shifts)."""
-        self.config = replace(self.config, epoch=epoch)
-        self.dataset.config = self.config
+        self.part = replace(self.part, epoch=epoch)
+        self.dataset.part = self.part
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._counters.reset()
-        if self.config.num_workers == 0:
+        if self.data.loader_workers == 0:
             return iter(self.dataset)
         loader = DataLoader(
             self.dataset,
             batch_size=None,  # workers yield whole batches
-            num_workers=self.config.num_workers,
-            pin_memory=self.config.pin_memory,
-            prefetch_factor=self.config.prefetch_factor,
+            num_workers=self.data.loader_workers,
+            pin_memory=self.data.pin_memory,
+            prefetch_factor=self.data.prefetch_factor,
         )
         return iter(loader)
 
 
 def make_loader(
-    source: str | os.PathLike[str] | DatasetInfo,
-    split: str = "train",
+    data: DataConfig,
+    split: str,
     *,
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
-    num_workers: int = 0,
     epoch: int = 0,
     seed: int = 0,
-    augment: bool = True,
     training: bool = True,
-    shuffle_buffer: int = 2048,
-    on_error: Literal["skip", "raise"] = "skip",
-    verify_checksums: bool = False,
-    max_shift: int = 2,
-    pin_memory: bool = False,
-    prefetch_factor: int = 4,
+    verify_checksums: bool | None = None,
+    info: DatasetInfo | None = None,
 ) -> ShardLoader:
-    """The loader for one rank of one split; fails here, not mid-epoch, on missing data."""
-    info = load_dataset_info(source)
-    config = LoaderConfig(
+    """The loader for one rank of one split of `data.shards`; fails here, not mid-epoch, on
+    missing data. `verify_checksums` overrides data.verify_checksums (e.g. only on the first
+    epoch); `info` saves re-reading dataset.json."""
+    info = info or load_dataset_info(data.shards)
+    part = Pass(
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,
-        num_workers=num_workers,
         epoch=epoch,
         seed=seed,
-        augment=augment,
         training=training,
-        shuffle_buffer=shuffle_buffer,
-        max_shift=max_shift,
-        on_error=on_error,
-        verify_checksums=verify_checksums,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor,
     )
-    check_shards(info, split, verify_checksums=verify_checksums)
-    loader = ShardLoader(info, split, config)
+    verify = data.verify_checksums if verify_checksums is None else verify_checksums
+    check_shards(info, split, verify_checksums=verify)
+    loader = ShardLoader(info, split, data, part)
     try:
         len(loader)  # runs the partition, which rejects a split too small for the ranks
     except PartitionError as err:
         raise DataError(f"{info.name} split {split!r} (world_size={world_size}): {err}") from err
     return loader
+
+
+def open_loader(
+    source: str | os.PathLike[str] | DatasetInfo, split: str = "train", **kwargs: Any
+) -> ShardLoader:
+    """make_loader for notebooks, benchmarks and tests: `source` is a shard folder, URL or
+    DatasetInfo, and the keywords are make_loader's (batch_size, rank, ...) or DataConfig
+    fields (loader_workers defaults to 0 here: read in this process)."""
+    info = source if isinstance(source, DatasetInfo) else None
+    per_call = {"batch_size", "rank", "world_size", "epoch", "seed", "training", "verify_checksums"}
+    call = {k: kwargs.pop(k) for k in per_call & set(kwargs)}
+    kwargs.setdefault("loader_workers", 0)
+    data = DataConfig(shards=info.base_url if info else os.fspath(source), **kwargs)
+    return make_loader(data, split, info=info, **call)
 
 
 def check_shards(info: DatasetInfo, split: str, *, verify_checksums: bool = False) -> None:

@@ -4,6 +4,8 @@ Samples are shuffled globally with the seed before they are cut into shards, bec
 sources are often sorted by class and a reader's shuffle buffer cannot repair a shard
 that holds one class. Output is byte-reproducible, and `dataset.json` is written last,
 atomically, so an interrupted run never leaves a file that claims incomplete shards.
+
+The datasets it can write are the entries of `DATASETS` (name → `DatasetSpec`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal, get_args
 
 import numpy as np
 from tqdm import tqdm
@@ -29,19 +31,134 @@ from pipeline.data.info import (
 )
 from pipeline.data.tario import TarWriter
 
-DATASETS = (
-    "mnist",
-    "fashion-mnist",
-    "kmnist",
-    "cifar10",
-    "svhn",
-    "idx",
-    "multimnist",
-    "affine-test",
-    "synthetic",
-)
 SHARD_PATTERN = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
 TAKE_CHUNK = 1024  # samples rendered per `take` call: bounds memory of the generators
+
+Reads = Literal["idx", "torchvision", "nothing"]
+"""What a dataset's source reads: see `DatasetSpec.reads`."""
+
+IDX_DIR_HELP = "a folder with the four MNIST-format IDX files"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetSpec:
+    """One entry of DATASETS: all that `capsnet shards --dataset NAME` knows about NAME."""
+
+    description: str
+    """One line for `capsnet shards --help`."""
+    reads: Reads
+    """What the source reads. "idx": MNIST-format IDX files in --data-dir (gz or raw);
+    "torchvision": a torchvision dataset under --data-dir, fetched only with --download;
+    "nothing": generated from the seed alone. Tests choose how to exercise an entry by it."""
+    build: Callable[[ShardsConfig], sources.Source]
+    """The dataset described by a (validated) config, ready to be sharded."""
+    needs_data_dir: bool = False
+    """ShardsConfig refuses a config without --data-dir."""
+    data_dir_help: str = ""
+    """What --data-dir must hold, for the error when it is missing."""
+
+    def __post_init__(self) -> None:
+        if self.reads not in get_args(Reads):
+            raise ValueError(f"reads must be one of {get_args(Reads)}, got {self.reads!r}")
+        if self.needs_data_dir and not self.data_dir_help:
+            raise ValueError("a dataset that needs --data-dir must say what it holds")
+
+
+def _synthetic(config: ShardsConfig) -> sources.Source:
+    return sources.synthetic_source(
+        image_size=config.image_size,
+        channels=config.channels,
+        num_classes=config.num_classes,
+        train_samples=config.train_samples or 1024,
+        test_samples=config.test_samples or 256,
+        label_kind="multi-hot" if config.multi_hot else "index",
+        seed=config.seed,
+    )
+
+
+def _idx(config: ShardsConfig) -> sources.Source:
+    if not config.data_dir:
+        raise DataError(f"--dataset {config.dataset} needs --data-dir: {IDX_DIR_HELP}")
+    return sources.idx_source(_idx_folder(config.data_dir), name=config.name)
+
+
+def _multimnist(config: ShardsConfig) -> sources.Source:
+    return generated.multimnist_source(
+        _idx(config), pairs_per_digit=config.pairs_per_digit, seed=config.seed
+    )
+
+
+def _affine_test(config: ShardsConfig) -> sources.Source:
+    return generated.affine_source(_idx(config), seed=config.seed)
+
+
+def _torchvision(
+    class_name: str, layout: sources.TorchvisionLayout
+) -> Callable[[ShardsConfig], sources.Source]:
+    def build(config: ShardsConfig) -> sources.Source:
+        return sources.torchvision_source(
+            config.dataset,
+            config.data_dir or "data",
+            config.download,
+            class_name=class_name,
+            layout=layout,
+        )
+
+    return build
+
+
+def _torchvision_spec(
+    description: str, class_name: str, layout: sources.TorchvisionLayout
+) -> DatasetSpec:
+    return DatasetSpec(
+        description=f"{description} (torchvision: --download fetches it)",
+        reads="torchvision",
+        build=_torchvision(class_name, layout),
+    )
+
+
+def _idx_spec(description: str, build: Callable[[ShardsConfig], sources.Source]) -> DatasetSpec:
+    return DatasetSpec(
+        description=description,
+        reads="idx",
+        build=build,
+        needs_data_dir=True,
+        data_dir_help=IDX_DIR_HELP,
+    )
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": _torchvision_spec("MNIST digits, 1×28×28, 10 classes", "MNIST", "idx"),
+    "fashion-mnist": _torchvision_spec(
+        "Fashion-MNIST clothing, 1×28×28, 10 classes", "FashionMNIST", "idx"
+    ),
+    "kmnist": _torchvision_spec("Kuzushiji-MNIST kana, 1×28×28, 10 classes", "KMNIST", "idx"),
+    "cifar10": _torchvision_spec("CIFAR-10 photos, 3×32×32, 10 classes", "CIFAR10", "cifar"),
+    "svhn": _torchvision_spec(
+        "SVHN house-number digits, 3×32×32, 10 classes, needs scipy", "SVHN", "svhn"
+    ),
+    "idx": _idx_spec("any four MNIST-format IDX files in --data-dir, as they are", _idx),
+    "multimnist": _idx_spec(
+        "MultiMNIST from IDX digits: two digits of different classes on 36×36, multi-hot",
+        _multimnist,
+    ),
+    "affine-test": _idx_spec(
+        "affNIST-style from IDX digits, 40×40: train shifted, test under random affine maps",
+        _affine_test,
+    ),
+    "synthetic": DatasetSpec(
+        description="offline class patterns + noise (--image-size, --channels, --num-classes)",
+        reads="nothing",
+        build=_synthetic,
+    ),
+}
+"""Every dataset `capsnet shards` can write, by name: adding a dataset is adding an entry."""
+
+
+def describe_datasets() -> str:
+    """One line per entry of DATASETS, `name  description`, e.g. for an argparse epilog."""
+    width = max(map(len, DATASETS))
+    return "\n".join(f"  {name:<{width}}  {spec.description}" for name, spec in DATASETS.items())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +197,8 @@ class ShardsConfig:
     """Dataset name recorded in dataset.json (default: derived from the source)."""
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
+        spec = DATASETS.get(self.dataset)
+        if spec is None:
             raise DataError(
                 f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}"
             )
@@ -94,38 +212,18 @@ class ShardsConfig:
             raise DataError("synthetic needs image_size >= 4, channels >= 1, num_classes >= 2")
         if self.pairs_per_digit < 1:
             raise DataError(f"pairs_per_digit must be >= 1, got {self.pairs_per_digit}")
-        needs_dir = self.dataset in ("idx", "multimnist", "affine-test")
-        if needs_dir and not self.data_dir:
-            raise DataError(
-                f"--dataset {self.dataset} needs --data-dir: a folder with the four MNIST-format IDX files"
-            )
+        if spec.needs_data_dir and not self.data_dir:
+            raise DataError(f"--dataset {self.dataset} needs --data-dir: {spec.data_dir_help}")
+
+    @property
+    def spec(self) -> DatasetSpec:
+        """The DATASETS entry of `dataset`."""
+        return DATASETS[self.dataset]
 
 
 def build_source(config: ShardsConfig) -> sources.Source:
     """The dataset named by `config`, ready to be sharded."""
-    if config.dataset == "synthetic":
-        return sources.synthetic_source(
-            image_size=config.image_size,
-            channels=config.channels,
-            num_classes=config.num_classes,
-            train_samples=config.train_samples or 1024,
-            test_samples=config.test_samples or 256,
-            label_kind="multi-hot" if config.multi_hot else "index",
-            seed=config.seed,
-        )
-    if config.dataset in sources.TORCHVISION:
-        return sources.torchvision_source(
-            config.dataset, config.data_dir or "data", config.download
-        )
-    assert config.data_dir is not None  # checked in ShardsConfig
-    base = sources.idx_source(_idx_folder(config.data_dir), name=config.name)
-    if config.dataset == "multimnist":
-        return generated.multimnist_source(
-            base, pairs_per_digit=config.pairs_per_digit, seed=config.seed
-        )
-    if config.dataset == "affine-test":
-        return generated.affine_source(base, seed=config.seed)
-    return base
+    return config.spec.build(config)
 
 
 def _idx_folder(data_dir: str) -> str:

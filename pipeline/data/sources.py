@@ -1,5 +1,7 @@
 """Datasets → samples: torchvision datasets, IDX files and the offline synthetic generator.
 
+Which dataset name maps to which of these is `pipeline.data.shards.DATASETS`.
+
 A `Source` describes a dataset and, per split, how to fetch any subset of its samples as
 arrays (`take(indices)`). The shard writer decides order and placement; sources only read.
 """
@@ -11,7 +13,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -131,7 +133,10 @@ def find_idx_files(data_dir: str) -> dict[tuple[str, str], str]:
 
 
 def load_idx_splits(data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{split: (images uint8 [N,1,H,W], labels [N])} from MNIST-format IDX files."""
+    """{split: (images uint8 [N,1,H,W], labels [N])} from MNIST-format IDX files.
+
+    Labels are checked with `check_labels` (train and test together).
+    """
     files = find_idx_files(data_dir)
     splits = {}
     for split in ("train", "test"):
@@ -143,7 +148,40 @@ def load_idx_splits(data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 f"{images.dtype}{images.shape} and {labels.shape}"
             )
         splits[split] = (images[:, None], labels.astype(np.int64))
+    check_labels({files[split, "labels"]: labels for split, (_, labels) in splits.items()})
     return splits
+
+
+def check_labels(labels_by_file: dict[str, np.ndarray]) -> None:
+    """Raise DataError unless the labels (all files together) look like class indices 0..K-1.
+
+    The number of classes is taken as the largest label + 1, so a stray value would
+    silently add classes that never occur. Rule: every label is >= 0 and the largest
+    label is below twice the number of distinct labels. A subset missing a few classes
+    passes (0..9 without 3 and 7: 8 distinct, largest 9 < 16); one label of 200 among
+    0..9 does not (11 distinct, 200 >= 22). The message names each file, each offending
+    value (negative, or >= twice the distinct count) and how many samples carry it.
+    """
+    present = [labels for labels in labels_by_file.values() if len(labels)]
+    if not present:
+        return
+    distinct = np.unique(np.concatenate(present))
+    limit = 2 * len(distinct)
+    if distinct[0] >= 0 and distinct[-1] < limit:
+        return
+    problems = []
+    for path, labels in labels_by_file.items():
+        values, counts = np.unique(labels, return_counts=True)
+        for value, count in zip(values, counts, strict=True):
+            if value < 0 or value >= limit:
+                problems.append(f"{path}: label {int(value)} on {int(count)} sample(s)")
+    shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+    raise DataError(
+        f"labels must be class indices 0..K-1, but:\n  {shown}\n"
+        f"the labels hold {len(distinct)} distinct values, so num_classes would be "
+        f"{int(distinct[-1]) + 1}. Labels must be >= 0 and below twice the number of "
+        f"distinct labels ({limit}); fix or drop those samples."
+    )
 
 
 def idx_source(data_dir: str, name: str | None = None) -> Source:
@@ -154,27 +192,34 @@ def idx_source(data_dir: str, name: str | None = None) -> Source:
 
 # --- torchvision datasets -----------------------------------------------------------------
 
-TORCHVISION = {
-    "mnist": "MNIST",
-    "fashion-mnist": "FashionMNIST",
-    "kmnist": "KMNIST",
-    "cifar10": "CIFAR10",
-    "svhn": "SVHN",
-}
-_MNIST_LIKE = ("mnist", "fashion-mnist", "kmnist")
+TorchvisionLayout = Literal["idx", "cifar", "svhn"]
+"""How a torchvision dataset lies under its root: the MNIST family's four IDX files in
+`ROOT/<Class>/raw` ("idx"), CIFAR's pickled batches in `ROOT/<base_folder>` ("cifar"),
+SVHN's `.mat` files in `ROOT` ("svhn")."""
 
 
-def torchvision_source(name: str, data_dir: str, download: bool = False) -> Source:
-    """A torchvision dataset read from `data_dir`; fetched only when `download` is set."""
+def torchvision_source(
+    name: str,
+    data_dir: str,
+    download: bool = False,
+    *,
+    class_name: str,
+    layout: TorchvisionLayout,
+) -> Source:
+    """`torchvision.datasets.<class_name>` read from `data_dir`; fetched only when `download` is set.
+
+    Without `download`, missing files raise MissingDataError naming them and the flag
+    that fetches them, before torchvision is asked for anything.
+    """
     import torchvision.datasets as tvd
 
-    cls = getattr(tvd, TORCHVISION[name])
+    cls = getattr(tvd, class_name)
     if download:
         for train in (True, False):
-            _construct(cls, name, data_dir, train, download=True)
+            _construct(cls, name, layout, data_dir, train, download=True)
     else:
-        _check_present(name, cls, data_dir)
-    if name in _MNIST_LIKE:
+        _check_present(name, cls, layout, data_dir)
+    if layout == "idx":
         # Read the IDX files directly: also accepts a plain folder of them (gz or not).
         raw = data_dir if _has_idx(data_dir) else os.path.join(data_dir, cls.__name__, "raw")
         return labelled_source(
@@ -185,28 +230,32 @@ def torchvision_source(name: str, data_dir: str, download: bool = False) -> Sour
         )
     splits = {}
     for split in ("train", "test"):
-        ds = _construct(cls, name, data_dir, split == "train", download=False)
+        ds = _construct(cls, name, layout, data_dir, split == "train", download=False)
         images = np.asarray(ds.data)
-        if name == "cifar10":
+        if layout == "cifar":
             images = images.transpose(0, 3, 1, 2)  # stored NHWC
-        labels = np.asarray(ds.labels if name == "svhn" else ds.targets)
+        labels = np.asarray(ds.labels if layout == "svhn" else ds.targets)
         splits[split] = (np.ascontiguousarray(images, dtype=np.uint8), labels)
     class_names = tuple(getattr(ds, "classes", [str(i) for i in range(10)]))
     return labelled_source(
         name,
         splits,
-        num_classes=10,
+        num_classes=len(class_names),
         class_names=class_names,
         params={"data_dir": os.path.abspath(data_dir)},
     )
 
 
-def _construct(cls: Any, name: str, data_dir: str, train: bool, download: bool) -> Any:
-    if name == "svhn":
+def _construct(
+    cls: Any, name: str, layout: TorchvisionLayout, data_dir: str, train: bool, download: bool
+) -> Any:
+    if layout == "svhn":
         try:
             import scipy.io  # noqa: F401  (torchvision needs it for the .mat files)
         except ImportError:
-            raise DataError("svhn needs scipy to read its .mat files: pip install scipy") from None
+            raise DataError(
+                f"{name} needs scipy to read its .mat files: pip install scipy"
+            ) from None
         return cls(data_dir, split="train" if train else "test", download=download)
     return cls(data_dir, train=train, download=download)
 
@@ -219,14 +268,14 @@ def _has_idx(folder: str) -> bool:
     return True
 
 
-def _check_present(name: str, cls: Any, data_dir: str) -> None:
+def _check_present(name: str, cls: Any, layout: TorchvisionLayout, data_dir: str) -> None:
     """Raise MissingDataError listing the missing files and how to get them."""
-    if name in _MNIST_LIKE:
+    if layout == "idx":
         raw = os.path.join(data_dir, cls.__name__, "raw")
         if _has_idx(data_dir) or _has_idx(raw):
             return
         wanted = [os.path.join(raw, stem) for stem in IDX_FILES.values()]
-    elif name == "cifar10":
+    elif layout == "cifar":
         folder = os.path.join(data_dir, cls.base_folder)
         files = [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         wanted = [os.path.join(folder, n) for n in files]
@@ -236,7 +285,7 @@ def _check_present(name: str, cls: Any, data_dir: str) -> None:
     if not missing:
         return
     hint = f"\nGet them with: capsnet shards --dataset {name} --data-dir {data_dir} --download ..."
-    if name in _MNIST_LIKE:
+    if layout == "idx":
         hint += (
             "\nOr, if you already have the four IDX files (gzipped or not) in a folder, e.g. Debian's "
             "dataset-fashion-mnist in /usr/share/datasets/fashion-mnist, pass that folder: "

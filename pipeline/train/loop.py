@@ -1,6 +1,6 @@
 """The worker loop: one function, run by every Ray Train worker or by one local process.
 
-Per epoch: train on this rank's share of the shards, evaluate exactly on the whole test split,
+Per epoch: train on this rank's share of the shards, evaluate exactly on the whole eval split,
 write metrics (rank 0), checkpoint (rank 0), report. Resumes from the latest checkpoint at the
 next epoch with the same data order (the loader's order is a function of seed and epoch).
 """
@@ -13,29 +13,72 @@ import random
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from capscore import MODELS
-from pipeline.config import RunConfig, absolute_path, is_remote
-from pipeline.data import load_dataset_info, make_loader
-from pipeline.evaluate import evaluate
-from pipeline.train.checkpoint import (
-    copy_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    set_rng_state,
-    unwrap,
-)
+from capscore import build_model
+from pipeline.config import RunConfig, absolute_path, is_remote, parse_run_config
+from pipeline.data import DatasetInfo, ShardLoader, load_dataset_info, make_loader
+from pipeline.evaluate import EvalResult, evaluate
+from pipeline.figures import save_reconstructions
+from pipeline.torch_utils import autocast_for, unwrap
+from pipeline.train.checkpoint import TrainState, copy_checkpoint, load_checkpoint
 from pipeline.train.context import RayContext, WorkerContext, limit_threads_to_env
-from pipeline.train.outputs import RunLog, save_reconstructions
+from pipeline.train.outputs import RunLog
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; the message says at which step and in which part."""
+
+
+@dataclass
+class EpochStats:
+    """What one rank's training pass over one epoch did."""
+
+    steps: int
+    samples: int
+    """Images this rank trained on (padding repeats included: they were trained on)."""
+    loss: float
+    """Mean total loss per step."""
+    parts: dict[str, float]
+    """Mean of each named loss part per step."""
+    seconds: float
+    fingerprint: torch.Tensor = field(repr=False)
+    """Sum of the first batch (images + labels): which data this rank saw."""
+    samples_skipped: int = 0
+    """Samples the loader could not use (corrupt shards, bad samples)."""
+
+
+def metrics_row(
+    epoch: int,
+    stats: EpochStats,
+    result: EvalResult,
+    *,
+    best_accuracy: float,
+    lr: float,
+    world_size: int,
+    per_rank: dict[str, list],
+) -> dict[str, Any]:
+    """The one place an epoch's results become the metrics row (metrics.jsonl, Ray, Tune)."""
+    return {
+        "epoch": epoch + 1,
+        "steps": stats.steps,
+        "train_loss": stats.loss,
+        **{f"train_{k}": v for k, v in stats.parts.items()},
+        "test_accuracy": result.accuracy,
+        "test_error": 1.0 - result.accuracy,
+        "test_samples": result.total,
+        "best_test_accuracy": best_accuracy,
+        **{f"test_{k}": v for k, v in result.mean_losses().items()},
+        "lr": lr,
+        "epoch_time_s": stats.seconds,
+        "images_per_s": stats.samples * world_size / max(stats.seconds, 1e-9),
+        "skipped_samples": stats.samples_skipped + result.samples_skipped,
+        **per_rank,
+    }
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
@@ -49,16 +92,9 @@ def run_dir_for(cfg: RunConfig) -> Path:
     return Path(absolute_path(cfg.run.storage_path)) / cfg.run.name
 
 
-def autocast_for(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def train_loop(config: dict[str, Any], context: WorkerContext | None = None) -> None:
     """Train one run. `config` is RunConfig.to_dict(); `context` defaults to Ray's."""
-    cfg = RunConfig.from_dict(config)
+    cfg = parse_run_config(config)
     ctx = context or RayContext()
     limit_threads_to_env()
     rank0 = ctx.world_rank == 0
@@ -67,99 +103,81 @@ def train_loop(config: dict[str, Any], context: WorkerContext | None = None) -> 
     random.seed(cfg.train.seed)
 
     info = load_dataset_info(cfg.data.shards)
-    kind = cfg.model["type"]
-    model_config = cfg.model_config(tuple(info.image_shape), info.num_classes)
-    model = MODELS[kind][0](model_config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr,
-                                 weight_decay=cfg.train.weight_decay)
-    decay, every = cfg.train.lr_decay, cfg.train.lr_decay_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: decay ** (step / every))
-    scaler = torch.amp.GradScaler("cuda") if cfg.train.precision == "fp16" else None
-
-    start_epoch, best_acc = 0, -1.0
+    model = build_model(cfg.build_model_config(tuple(info.image_shape), info.num_classes))
+    device = ctx.device
+    state = TrainState.create(model, cfg.train, device)
     ckpt_path, ckpt = _newest_checkpoint(ctx, run_dir, cfg)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        start_epoch = ckpt["next_epoch"]
-        best_acc = ckpt["metrics"].get("best_test_accuracy", -1.0)
+        state.restore(ckpt)
         if rank0:
-            print(f"[capsnet] resuming {cfg.run.name} at epoch {start_epoch} from {ckpt_path}", flush=True)
-
-    model = ctx.prepare_model(model)  # moves to the device; DDP when world_size > 1
+            print(f"[capsnet] resuming {cfg.run.name} at epoch {state.next_epoch} from {ckpt_path}",
+                  flush=True)
+    state.model = ctx.prepare_model(state.model)  # moves to the device; DDP when world_size > 1
     if cfg.train.compile:
-        model = torch.compile(model)
-    device = ctx.device
-    autocast = autocast_for(cfg.train.precision, device)
+        state.model = torch.compile(state.model)
     log = RunLog(run_dir, enabled=rank0)
-    if start_epoch >= cfg.train.epochs:  # a finished run: report its last metrics, train nothing
+    if state.next_epoch >= cfg.train.epochs:  # a finished run: report its last metrics only
         ctx.report(dict(ckpt["metrics"], already_finished=True), None)
         return
 
-    per_rank_batch = cfg.train.batch_size // ctx.world_size
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(state.next_epoch, cfg.train.epochs):
         _maybe_crash(cfg, epoch, rank0)
-        loader = make_loader(cfg.data.shards, cfg.data.train_split, batch_size=per_rank_batch,
-                             rank=ctx.world_rank, world_size=ctx.world_size,
-                             num_workers=cfg.data.loader_workers, epoch=epoch,
-                             seed=cfg.train.seed, augment=cfg.data.augment, training=True,
-                             shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error,
-                             verify_checksums=cfg.data.verify_checksums and epoch == start_epoch)
-        t0 = time.perf_counter()
-        train_stats = _train_epoch(model, loader, optimizer, scheduler, scaler, autocast, device,
-                                   cfg, epoch, ctx)
-        train_time = time.perf_counter() - t0
-        eval_loader = make_loader(cfg.data.shards, cfg.data.eval_split,
-                                  batch_size=cfg.data.eval_batch_size, rank=ctx.world_rank,
-                                  world_size=ctx.world_size, num_workers=cfg.data.loader_workers,
-                                  training=False, augment=False, on_error=cfg.data.on_error)
-        result = evaluate(model, eval_loader, device, info.num_classes, autocast, ctx.distributed)
-        best_acc = max(best_acc, result.accuracy)
-        metrics = {
-            "epoch": epoch + 1, "steps": train_stats["steps"],
-            "train_loss": train_stats["loss"], **{f"train_{k}": v for k, v in train_stats["parts"].items()},
-            "test_accuracy": result.accuracy, "test_error": 1.0 - result.accuracy,
-            "test_samples": result.total, "best_test_accuracy": best_acc,
-            **{f"test_{k}": v for k, v in result.mean_losses().items()},
-            "lr": scheduler.get_last_lr()[0], "epoch_time_s": train_time,
-            "images_per_s": train_stats["samples"] * ctx.world_size / max(train_time, 1e-9),
-            "skipped_samples": _skipped(loader) + _skipped(eval_loader),
-            **_per_rank(train_stats, device, ctx),
-        }
+        stats = _train_epoch(state, cfg, info, epoch, ctx, first=epoch == state.next_epoch)
+        result = evaluate(state.model, _eval_loader(cfg, info, ctx), device,
+                          autocast_for(cfg.train.precision, device), ctx.distributed)
+        state.best_accuracy = max(state.best_accuracy, result.accuracy)
+        state.next_epoch = epoch + 1
+        metrics = metrics_row(epoch, stats, result, best_accuracy=state.best_accuracy,
+                              lr=state.scheduler.get_last_lr()[0], world_size=ctx.world_size,
+                              per_rank=_per_rank(stats, device, ctx))
         ckpt_dir = None
         if rank0:
             log.epoch(metrics)
-            ckpt_dir = _save(cfg, run_dir, model, optimizer, scheduler, scaler, epoch, metrics,
-                             kind, model_config, is_best=result.accuracy >= best_acc)
-            _figures(unwrap(model), cfg, device, run_dir)
+            ckpt_dir = _save(state, cfg, run_dir, metrics,
+                             is_best=result.accuracy >= state.best_accuracy)
+            _figures(unwrap(state.model), cfg, info, device, run_dir)
             print(f"[capsnet] epoch {epoch + 1}/{cfg.train.epochs} test acc {result.accuracy:.4f} "
-                  f"loss {train_stats['loss']:.4f} {metrics['images_per_s']:.0f} img/s", flush=True)
+                  f"loss {stats.loss:.4f} {metrics['images_per_s']:.0f} img/s", flush=True)
         ctx.report(metrics, ckpt_dir)
         if ckpt_dir is not None:  # reported (Ray has uploaded it) and copied to best/last
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     log.close()
 
 
-def _train_epoch(model, loader, optimizer, scheduler, scaler, autocast, device, cfg: RunConfig,
-                 epoch: int, ctx: WorkerContext) -> dict[str, Any]:
+def _train_loader(cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext, epoch: int,
+                  first: bool) -> ShardLoader:
+    return make_loader(cfg.data, cfg.data.train_split, info=info,
+                       batch_size=cfg.train.batch_size // ctx.world_size,
+                       rank=ctx.world_rank, world_size=ctx.world_size, epoch=epoch,
+                       seed=cfg.train.seed, training=True,
+                       verify_checksums=cfg.data.verify_checksums and first)
+
+
+def _eval_loader(cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext) -> ShardLoader:
+    return make_loader(cfg.data, cfg.data.eval_split, info=info,
+                       batch_size=-(-cfg.train.eval_batch_size // ctx.world_size),
+                       rank=ctx.world_rank, world_size=ctx.world_size, training=False,
+                       verify_checksums=False)
+
+
+def _train_epoch(state: TrainState, cfg: RunConfig, info: DatasetInfo, epoch: int,
+                 ctx: WorkerContext, first: bool) -> EpochStats:
     """One pass over this rank's batches. Loss parts are accumulated on the device and checked
     for NaN/inf every `log_every` steps, so there is no host sync per step."""
-    inner = unwrap(model)
+    loader = _train_loader(cfg, info, ctx, epoch, first)
+    model, inner, device = state.model, unwrap(state.model), ctx.device
+    autocast = autocast_for(cfg.train.precision, device)
     model.train()
     n_batches = len(loader)
     if cfg.train.max_steps_per_epoch:
         n_batches = min(n_batches, cfg.train.max_steps_per_epoch)
-    pending: list[torch.Tensor] = []   # per-step [total, *parts] since the last check
+    pending: list[torch.Tensor] = []  # per-step [total, *parts] since the last check
     names: list[str] = []
     sums: torch.Tensor | None = None
-    samples, step0 = 0, epoch * len(loader)
-    bar = _progress(n_batches, epoch, cfg, ctx)
-    step = -1
+    samples, step0, step = 0, epoch * len(loader), -1
     fingerprint = torch.zeros((), device=device)
+    bar = _progress(n_batches, epoch, cfg, ctx)
+    t0 = time.perf_counter()
     for step, (images, targets) in enumerate(loader):
         if step >= n_batches:
             break  # the same cap on every rank, so DDP stays in step
@@ -167,20 +185,16 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, autocast, device, 
         with autocast:
             out = model(images, targets)
             loss = inner.loss(out, images, targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss.total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.total.backward()
-            optimizer.step()
-        scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss.total).backward()  # a no-op scale unless fp16
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.scheduler.step()
         names = ["total", *loss.parts]
         pending.append(torch.stack([loss.total.detach().float(),
                                     *[p.detach().float() for p in loss.parts.values()]]))
         samples += images.shape[0]
-        if step == 0:  # which data this rank saw, for the run's per-rank summary
+        if step == 0:
             fingerprint = images.detach().float().sum() + targets.float().sum()
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == n_batches:
             block = torch.stack(pending)
@@ -195,15 +209,17 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, autocast, device, 
         bar.close()
     steps = min(n_batches, step + 1)
     means = (sums / max(steps, 1)).tolist() if sums is not None else [math.nan] * max(len(names), 1)
-    return {"steps": steps, "samples": samples, "loss": means[0], "fingerprint": fingerprint,
-            "parts": dict(zip(names[1:], means[1:], strict=True))}
+    return EpochStats(steps=steps, samples=samples, loss=means[0],
+                      parts=dict(zip(names[1:], means[1:], strict=True)),
+                      seconds=time.perf_counter() - t0, fingerprint=fingerprint,
+                      samples_skipped=loader.stats.samples_skipped)
 
 
-def _per_rank(stats: dict[str, Any], device: torch.device, ctx: WorkerContext) -> dict[str, Any]:
+def _per_rank(stats: EpochStats, device: torch.device, ctx: WorkerContext) -> dict[str, list]:
     """Steps and a first-batch fingerprint of every rank, so a run shows that all ranks took
     the same number of steps on different data."""
-    mine = torch.stack([torch.tensor(float(stats["steps"]), device=device),
-                        stats["fingerprint"].to(device).float()])
+    mine = torch.stack([torch.tensor(float(stats.steps), device=device),
+                        stats.fingerprint.to(device).float()])
     if ctx.distributed:
         gathered = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
         torch.distributed.all_gather(gathered, mine)
@@ -217,7 +233,8 @@ def _check_finite(block: torch.Tensor, names: list[str], first_step: int) -> Non
     bad = ~torch.isfinite(block)
     if bad.any():
         row, col = (int(i) for i in bad.nonzero()[0])
-        part = names[col] if col else next((n for n, b in zip(names[1:], bad[row, 1:], strict=True) if b), "total")
+        part = names[col] if col else next(
+            (n for n, b in zip(names[1:], bad[row, 1:], strict=True) if b), "total")
         raise NonFiniteLossError(
             f"non-finite loss at global step {first_step + row} (0-based): part '{part}' = "
             f"{float(block[row, names.index(part)])}; lower train.lr or use train.precision=fp32")
@@ -231,13 +248,11 @@ def _progress(total: int, epoch: int, cfg: RunConfig, ctx: WorkerContext):
     return tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", leave=False)
 
 
-def _save(cfg, run_dir, model, optimizer, scheduler, scaler, epoch, metrics, kind, model_config,
+def _save(state: TrainState, cfg: RunConfig, run_dir: Path, metrics: dict[str, Any],
           is_best: bool) -> Path:
     """Rank 0: checkpoint for Ray (a temp folder it uploads) + best/last copies in the run dir."""
-    staging = Path(tempfile.mkdtemp(prefix=f"capsnet-ckpt-e{epoch + 1}-"))
-    path = save_checkpoint(staging, model=model, optimizer=optimizer, scheduler=scheduler,
-                           scaler=scaler, next_epoch=epoch + 1, run_config=cfg.to_dict(),
-                           model_kind=kind, model_config=model_config, metrics=metrics)
+    staging = Path(tempfile.mkdtemp(prefix=f"capsnet-ckpt-e{state.next_epoch}-"))
+    path = state.save(staging, run_config=cfg.to_dict(), metrics=metrics)
     copy_checkpoint(path, run_dir / "checkpoints" / "last")
     if is_best:
         copy_checkpoint(path, run_dir / "checkpoints" / "best")
@@ -245,15 +260,15 @@ def _save(cfg, run_dir, model, optimizer, scheduler, scaler, epoch, metrics, kin
 
 
 @torch.no_grad()
-def _figures(model, cfg: RunConfig, device, run_dir: Path) -> None:
-    """reconstructions.png from the first 8 test images, decoder masked by the prediction.
+def _figures(model, cfg: RunConfig, info: DatasetInfo, device, run_dir: Path) -> None:
+    """reconstructions.png from the first 8 eval images, decoder masked by the prediction.
 
     A streaming loader in this process stops after its first batch, so this reads 8 samples,
     not another pass (or another set of worker processes) over the eval split."""
     if getattr(model, "decoder", None) is None:
         return
-    first = make_loader(cfg.data.shards, cfg.data.eval_split, batch_size=8, training=False,
-                        augment=False, on_error=cfg.data.on_error)
+    first = make_loader(cfg.data.model_copy(update={"loader_workers": 0}), cfg.data.eval_split,
+                        info=info, batch_size=8, training=False, verify_checksums=False)
     images, _ = next(iter(first))
     images = images.to(device)
     was_training = model.training
@@ -262,15 +277,6 @@ def _figures(model, cfg: RunConfig, device, run_dir: Path) -> None:
     model.train(was_training)
     save_reconstructions(images, out.reconstructions, run_dir / "reconstructions.png",
                          out.scores.argmax(1))
-
-
-def _skipped(loader) -> int:
-    stats = getattr(loader, "stats", None)
-    if stats is None:
-        return 0
-    if isinstance(stats, dict):
-        return int(stats.get("skipped_samples", 0))
-    return int(getattr(stats, "skipped_samples", 0))
 
 
 def _newest_checkpoint(ctx: WorkerContext, run_dir: Path, cfg: RunConfig):
@@ -304,4 +310,3 @@ def _maybe_crash(cfg: RunConfig, epoch: int, rank0: bool) -> None:
     marker.write_text(f"crashed at epoch {epoch}\n")
     print(f"[capsnet] debug: injected crash at epoch {epoch}", flush=True)
     os._exit(1)
-

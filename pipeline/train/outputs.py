@@ -1,12 +1,10 @@
-"""What a user looks at in a run folder: metrics.jsonl, TensorBoard events, PNG figures."""
+"""What a user reads in a run folder: metrics.jsonl and TensorBoard events (PNGs: figures.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
-
-import torch
 
 
 class RunLog:
@@ -46,50 +44,3 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def save_reconstructions(images: torch.Tensor, reconstructions: torch.Tensor, path: Path,
-                         predicted: torch.Tensor | None = None) -> None:
-    """Inputs (top row) above their reconstructions (bottom row)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = images.shape[0]
-    fig, axes = plt.subplots(2, n, figsize=(1.2 * n, 2.6), squeeze=False)
-    for k in range(n):
-        for row, batch in enumerate((images, reconstructions)):
-            img = batch[k].detach().float().cpu()
-            ax = axes[row][k]
-            ax.imshow((img[0] if img.shape[0] == 1 else img.permute(1, 2, 0).clamp(0, 1)).numpy(),
-                      cmap="gray", vmin=0, vmax=1)
-            ax.axis("off")
-        if predicted is not None:
-            axes[1][k].set_title(f"pred {int(predicted[k])}", fontsize=7)
-    axes[0][0].set_title("input", fontsize=7, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def save_confusion(matrix: torch.Tensor, path: Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    J = matrix.shape[0]
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * J, 1 + 0.5 * J))
-    ax.imshow(matrix.numpy(), cmap="Blues")
-    for t in range(J):
-        for p in range(J):
-            ax.text(p, t, int(matrix[t, p]), ha="center", va="center", fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_xticks(range(J))
-    ax.set_yticks(range(J))
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

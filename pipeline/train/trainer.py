@@ -128,11 +128,11 @@ def train(cfg: RunConfig, *, local: bool = False) -> Summary:
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     """Local paths resolved against the driver's working directory: Ray workers run elsewhere."""
-    raw = cfg.to_dict()
-    raw["data"]["shards"] = absolute_path(cfg.data.shards)
-    raw["run"]["storage_path"] = absolute_path(cfg.run.storage_path)
-    raw["run"]["resume_from"] = absolute_path(cfg.run.resume_from)
-    return RunConfig.from_dict(raw)
+    return cfg.replace(
+        data={"shards": absolute_path(cfg.data.shards)},
+        run={"storage_path": absolute_path(cfg.run.storage_path),
+             "resume_from": absolute_path(cfg.run.resume_from)},
+    )
 
 
 def _local_cpus(cfg: RunConfig) -> int:

@@ -198,11 +198,11 @@ def test_cluster_run_configs_load_and_say_how_to_run(path):
     text = (REPO / path).read_text()
     assert "Command" in text and "runtime" in text
     if "\nsearch:" in text:  # a Tune search config: a run config + a search section
-        from pipeline.config import RunConfig
+        from pipeline.config import parse_run_config
         from pipeline.tune import load_tune_config
 
         tc = load_tune_config(REPO / path)
-        cfg, paths = RunConfig.from_dict(tc.base), [tc.search.storage_path]
+        cfg, paths = parse_run_config(tc.base), [tc.search.storage_path]
     else:
         cfg, paths = load_config(REPO / path), []
     for value in (cfg.data.shards, cfg.run.storage_path, *paths):  # what pipeline.submit insists on

@@ -11,21 +11,13 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import yaml
 
-from capscore import CapsNetConfig
-
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
-
-# capscore's tiny preset; image size and classes come from the shards
-TINY_MODEL = {"type": "capsnet", **{k: list(v) if isinstance(v, tuple) else v
-                                    for k, v in asdict(CapsNetConfig.tiny()).items() if k != "image_size"}}
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
@@ -39,10 +31,9 @@ def shards(tmp_path_factory):
 
 def write_config(path, shards, storage, name: str, epochs: int, max_failures: int):
     config = {
-        "data": {"shards": str(shards), "loader_workers": 0, "shuffle_buffer": 64,
-                 "eval_batch_size": 32},
-        "model": TINY_MODEL,
-        "train": {"epochs": epochs, "batch_size": 32, "log_every": 5},
+        "data": {"shards": str(shards), "loader_workers": 0, "shuffle_buffer": 64},
+        "model": {"type": "capsnet", "preset": "tiny"},
+        "train": {"epochs": epochs, "batch_size": 32, "eval_batch_size": 32, "log_every": 5},
         "run": {"name": name, "storage_path": str(storage), "num_workers": 2, "use_gpu": False,
                 "cpus_per_worker": 1, "max_failures": max_failures, "keep_checkpoints": 1},
     }
@@ -87,7 +78,7 @@ def test_wrong_token_is_refused(ray_cluster, shards, tmp_path):
     config = write_config(tmp_path / "tiny.yaml", shards, tmp_path / "runs", "refused",
                           epochs=1, max_failures=0)
     env = {**ray_cluster.env, "RAY_AUTH_TOKEN": "not-the-token"}
-    result = subprocess.run([sys.executable, "-m", "pipeline.submit", "train", "--config",
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "train", "--config",
                              str(config), "--address", ray_cluster.dashboard], env=env,
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

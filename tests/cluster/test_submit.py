@@ -12,8 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main as cli_main
 from pipeline.config import apply_overrides
-from pipeline.submit import UPLOAD_EXCLUDES, SubmitError, flatten, main, resolve_address
+from pipeline.submit import UPLOAD_EXCLUDES, SubmitError, flatten, resolve_address
+
+
+def main(argv):
+    """`capsnet submit ARGV`."""
+    return cli_main(["submit", *argv])
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = "configs/cluster/smoke-2node.yaml"
@@ -157,7 +163,7 @@ def test_excludes_cover_what_must_not_be_uploaded():
 def test_help_runs():
     import subprocess
 
-    r = subprocess.run([sys.executable, "-m", "pipeline.submit", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "--help"], capture_output=True,
                        text=True, timeout=60, cwd=REPO)
     assert r.returncode == 0 and "RAY_ADDRESS" in r.stdout
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline import cli
+from pipeline.commands import shards as shards_command
 from pipeline.data import load_dataset_info
 
 
@@ -61,4 +62,4 @@ def test_help_lists_datasets(capsys):
 def test_parser_is_extensible():
     parser = cli.build_parser()
     args = parser.parse_args(["shards", "--dataset", "synthetic", "--out", "x"])
-    assert args.func is cli._run_shards and args.shard_size == 10_000
+    assert args.func is shards_command.run and args.shard_size == 10_000

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import DataError, MissingDataError, load_dataset_info, make_loader
+from pipeline.data import DataError, MissingDataError, load_dataset_info, open_loader
 from pipeline.data.augment import shift_images
 from pipeline.data.tario import TarWriter, iter_samples
 
@@ -34,7 +34,7 @@ def _stored(shard_dir, split) -> Counter:
 
 
 def test_batches_have_documented_types(synthetic_dir, layout):
-    loader = make_loader(synthetic_dir, "train", batch_size=32)
+    loader = open_loader(synthetic_dir, "train", batch_size=32)
     images, labels = next(iter(loader))
     assert images.shape == (32, 1, layout["size"], layout["size"]) and images.dtype == torch.float32
     assert labels.shape == (32,) and labels.dtype == torch.int64
@@ -46,7 +46,7 @@ def test_batches_have_documented_types(synthetic_dir, layout):
 def test_eval_reads_every_sample_exactly_once(synthetic_dir, world, batch):
     seen = Counter()
     for rank in range(world):
-        loader = make_loader(
+        loader = open_loader(
             synthetic_dir, "test", batch_size=batch, rank=rank, world_size=world, training=False
         )
         batches = list(loader)
@@ -61,7 +61,7 @@ def test_two_ranks_odd_shard_count_finish_together(synthetic_dir, layout):
     # 7 shards over 2 ranks: each rank still yields exactly the same number of full batches.
     counts, fingerprints = [], []
     for rank in range(2):
-        loader = make_loader(
+        loader = open_loader(
             synthetic_dir, "train", batch_size=24, rank=rank, world_size=2, epoch=1
         )
         batches = list(loader)
@@ -73,7 +73,7 @@ def test_two_ranks_odd_shard_count_finish_together(synthetic_dir, layout):
 
 
 def test_workers_split_the_rank_and_report_stats(synthetic_dir, layout):
-    loader = make_loader(synthetic_dir, "test", batch_size=16, num_workers=2, training=False)
+    loader = open_loader(synthetic_dir, "test", batch_size=16, loader_workers=2, training=False)
     seen = Counter(f for b in loader for f in _fingerprints(*b))
     assert seen == _stored(synthetic_dir, "test")
     stats = loader.stats
@@ -86,23 +86,23 @@ def test_workers_split_the_rank_and_report_stats(synthetic_dir, layout):
 
 def test_epochs_reorder_and_same_epoch_replays(synthetic_dir):
     def labels(epoch):
-        loader = make_loader(synthetic_dir, "train", batch_size=50, epoch=epoch, seed=7)
+        loader = open_loader(synthetic_dir, "train", batch_size=50, epoch=epoch, seed=7)
         return torch.cat([y for _, y in loader])
 
     assert torch.equal(labels(0), labels(0))
     assert not torch.equal(labels(0), labels(1))
-    loader = make_loader(synthetic_dir, "train", batch_size=50, seed=7)
+    loader = open_loader(synthetic_dir, "train", batch_size=50, seed=7)
     loader.set_epoch(1)
     assert torch.equal(torch.cat([y for _, y in loader]), labels(1))
 
 
 def test_augmentation_only_in_training(synthetic_dir):
-    plain = make_loader(synthetic_dir, "test", batch_size=250, training=False, augment=True)
+    plain = open_loader(synthetic_dir, "test", batch_size=250, training=False, augment=True)
     ((images, _),) = list(plain)
     stored = _stored(synthetic_dir, "test")
     assert Counter(_fingerprints(images, _)) == stored  # unshifted
-    shifted = make_loader(synthetic_dir, "train", batch_size=100, augment=True, shuffle_buffer=1)
-    unshifted = make_loader(synthetic_dir, "train", batch_size=100, augment=False, shuffle_buffer=1)
+    shifted = open_loader(synthetic_dir, "train", batch_size=100, augment=True, shuffle_buffer=1)
+    unshifted = open_loader(synthetic_dir, "train", batch_size=100, augment=False, shuffle_buffer=1)
     a, b = next(iter(shifted))[0], next(iter(unshifted))[0]
     assert not torch.equal(a, b)
     # Same samples in the same order: each augmented image is its original shifted by ≤ 2 px.
@@ -129,7 +129,7 @@ def test_multi_hot_labels(tmp_path):
             test_samples=10,
         )
     )
-    images, labels = next(iter(make_loader(tmp_path, "train", batch_size=8)))
+    images, labels = next(iter(open_loader(tmp_path, "train", batch_size=8)))
     assert (
         labels.shape == (8, 5) and labels.dtype == torch.float32 and torch.all(labels.sum(1) == 2)
     )
@@ -138,8 +138,8 @@ def test_multi_hot_labels(tmp_path):
 def test_missing_shard_fails_at_construction_naming_it(synthetic_copy):
     (synthetic_copy / "train-000004.tar").unlink()
     with pytest.raises(MissingDataError, match="train-000004.tar"):
-        make_loader(synthetic_copy, "train", batch_size=8)
-    make_loader(synthetic_copy, "test", batch_size=8)  # other splits unaffected
+        open_loader(synthetic_copy, "train", batch_size=8)
+    open_loader(synthetic_copy, "test", batch_size=8)  # other splits unaffected
 
 
 SAMPLE_BYTES = 4 * 512  # a 12×12 sample: header + image block + header + label block
@@ -150,7 +150,7 @@ def test_truncated_shard_is_skipped_counted_and_batches_stay_equal(synthetic_cop
     path.write_bytes(path.read_bytes()[: 40 * SAMPLE_BYTES + 700])  # 40 whole samples, then cut
     lengths, lost = [], 0
     for rank in range(2):
-        loader = make_loader(synthetic_copy, "train", batch_size=20, rank=rank, world_size=2)
+        loader = open_loader(synthetic_copy, "train", batch_size=20, rank=rank, world_size=2)
         batches = list(loader)
         lengths.append(len(batches))
         assert len(batches) == len(loader) and all(len(y) == 20 for _, y in batches)
@@ -162,7 +162,7 @@ def test_truncated_shard_is_skipped_counted_and_batches_stay_equal(synthetic_cop
     with pytest.raises(DataError, match="train-000002.tar.*truncated"):
         for rank in range(2):
             list(
-                make_loader(
+                open_loader(
                     synthetic_copy,
                     "train",
                     batch_size=20,
@@ -178,7 +178,7 @@ def test_eval_counts_what_a_corrupt_shard_lost(synthetic_copy, layout):
     data = bytearray(path.read_bytes())
     data[10 * SAMPLE_BYTES + 257] = ord("X")  # break the ustar magic of sample 10's first member
     path.write_bytes(bytes(data))
-    loader = make_loader(synthetic_copy, "test", batch_size=32, training=False)
+    loader = open_loader(synthetic_copy, "test", batch_size=32, training=False)
     total = sum(len(y) for _, y in loader)
     # Samples 0-8 survive; sample 9 may be incomplete (its end is unknowable), so it goes too.
     lost = layout["shard"] - 9
@@ -195,7 +195,7 @@ def test_wrong_shape_sample_is_skipped_or_raises(synthetic_copy, layout):
     with open(path, "wb") as f, TarWriter(f) as writer:
         for key, fields in samples:
             writer.write(key, fields)
-    loader = make_loader(synthetic_copy, "test", batch_size=64, training=False)
+    loader = open_loader(synthetic_copy, "test", batch_size=64, training=False)
     assert sum(len(y) for _, y in loader) == layout["test"] - 2
     stats = loader.stats.as_dict()
     assert (
@@ -204,7 +204,7 @@ def test_wrong_shape_sample_is_skipped_or_raises(synthetic_copy, layout):
         and stats["samples_skipped"] == 2
     )
     with pytest.raises(DataError, match="expected 144"):
-        list(make_loader(synthetic_copy, "test", batch_size=64, training=False, on_error="raise"))
+        list(open_loader(synthetic_copy, "test", batch_size=64, training=False, on_error="raise"))
 
 
 def test_checksums_verified_on_request(synthetic_copy):
@@ -212,22 +212,22 @@ def test_checksums_verified_on_request(synthetic_copy):
     data = bytearray(path.read_bytes())
     data[600] ^= 0xFF  # a pixel: invisible to the tar parser
     path.write_bytes(bytes(data))
-    make_loader(synthetic_copy, "train", batch_size=8)
+    open_loader(synthetic_copy, "train", batch_size=8)
     with pytest.raises(DataError, match="train-000003.tar"):
-        make_loader(synthetic_copy, "train", batch_size=8, verify_checksums=True)
+        open_loader(synthetic_copy, "train", batch_size=8, verify_checksums=True)
 
 
 def test_rank_without_data_is_a_clear_error_at_construction(synthetic_dir, layout):
     with pytest.raises(DataError, match="one full batch"):
-        make_loader(synthetic_dir, "train", batch_size=layout["train"], world_size=2, rank=1)
+        open_loader(synthetic_dir, "train", batch_size=layout["train"], world_size=2, rank=1)
     with pytest.raises(DataError, match="at least one sample"):
-        make_loader(
+        open_loader(
             synthetic_dir, "test", batch_size=4, world_size=layout["test"] + 1, training=False
         )
     with pytest.raises(ValueError, match="rank"):
-        make_loader(synthetic_dir, "train", batch_size=4, world_size=2, rank=2)
+        open_loader(synthetic_dir, "train", batch_size=4, world_size=2, rank=2)
     with pytest.raises(DataError, match="no split"):
-        make_loader(synthetic_dir, "validation", batch_size=4)
+        open_loader(synthetic_dir, "validation", batch_size=4)
 
 
 def test_worker_with_unreadable_data_raises_instead_of_hanging(synthetic_copy):
@@ -235,24 +235,24 @@ def test_worker_with_unreadable_data_raises_instead_of_hanging(synthetic_copy):
     for shard in info["splits"]["test"]["shards"]:
         (synthetic_copy / shard["name"]).write_bytes(b"not a tar file" * 100)
     with pytest.raises(DataError, match="no readable sample"):
-        list(make_loader(synthetic_copy, "test", batch_size=8, training=True))
+        list(open_loader(synthetic_copy, "test", batch_size=8, training=True))
 
 
 def test_source_may_be_a_dataset_info_or_a_copied_tree(synthetic_dir, tmp_path):
     info = load_dataset_info(synthetic_dir)
-    assert len(make_loader(info, "test", batch_size=10, training=False)) == 25
+    assert len(open_loader(info, "test", batch_size=10, training=False)) == 25
     moved = tmp_path / "moved"
     shutil.copytree(synthetic_dir, moved)  # shard names are relative to dataset.json
     assert load_dataset_info(moved).base_url == str(moved)
-    images = torch.cat([x for x, _ in make_loader(moved, "test", batch_size=50, training=False)])
+    images = torch.cat([x for x, _ in open_loader(moved, "test", batch_size=50, training=False)])
     assert images.shape[0] == 250 and np.isfinite(images.numpy()).all()
 
 
 def test_two_ranks_with_two_workers_each_finish_together(synthetic_dir):
     counts = []
     for rank in range(2):
-        loader = make_loader(
-            synthetic_dir, "train", batch_size=16, rank=rank, world_size=2, num_workers=2
+        loader = open_loader(
+            synthetic_dir, "train", batch_size=16, rank=rank, world_size=2, loader_workers=2
         )
         counts.append((sum(1 for _ in loader), len(loader), loader.stats.batches))
     assert counts[0] == counts[1] and counts[0][0] == counts[0][1] == counts[0][2]

@@ -235,6 +235,23 @@ def test_multimnist_shapes_and_labels(tmp_path, mnist_idx_dir):
         np.testing.assert_array_equal(merged, np.minimum(rec0 + rec1, 255))
 
 
+def test_multimnist_labels_are_as_wide_as_the_dataset_in_every_split(tmp_path, idx_writer):
+    # The test split lacks class 9: its multi-hot labels must still have 10 entries.
+    write_idx, _ = idx_writer
+    rng = np.random.default_rng(0)
+    for prefix, labels in (("train", np.arange(40) % 10), ("t10k", np.arange(18) % 9)):
+        images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", images, gz=True)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8), gz=True)
+    info = write_shards(
+        ShardsConfig(dataset="multimnist", data_dir=str(tmp_path), out=str(tmp_path / "s"))
+    )
+    assert info.num_classes == 10
+    for split in ("train", "test"):
+        for fields in read_split(tmp_path / "s", split).values():
+            assert len(fields["hot.u8"]) == 10
+
+
 def test_affine_test_shapes_and_parameters(tmp_path, mnist_idx_dir):
     info = write_shards(
         ShardsConfig(dataset="affine-test", data_dir=str(mnist_idx_dir), out=str(tmp_path))

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.data import load_dataset_info, make_loader, urls
+from pipeline.data import load_dataset_info, open_loader, urls
 from pipeline.data.tario import iter_samples
 
 
@@ -65,5 +65,5 @@ def test_http_dataset_reads_like_a_local_one(http_root, synthetic_dir):
     info = load_dataset_info(http_root)
     assert info.base_url == http_root.rstrip("/")
     assert info.splits == load_dataset_info(synthetic_dir).splits
-    loader = make_loader(http_root, "test", batch_size=64, training=False)
+    loader = open_loader(http_root, "test", batch_size=64, training=False)
     assert sum(len(y) for _, y in loader) == 250 and loader.stats.samples_skipped == 0

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
-
 import pytest
 
-from capscore import CapsNetConfig
 from pipeline.config import load_config
 from pipeline.data import ShardsConfig, write_shards
 
-
-def _tiny_model_overrides() -> list[str]:
-    """capscore's tiny preset as --set overrides (image size and classes come from the data)."""
-    tiny, default = asdict(CapsNetConfig.tiny()), asdict(CapsNetConfig())
-    return [f"model.{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}"
-            for k, v in tiny.items() if v != default[k] and k != "image_size"]
-
-
-TINY_MODEL = _tiny_model_overrides()
+TINY_MODEL = ["model.preset=tiny"]
 
 
 @pytest.fixture(scope="session")
@@ -40,5 +28,5 @@ def tiny_config():
 def make_tiny_config(shards, storage, *extra: str):
     return load_config(None, [*TINY_MODEL, f"data.shards={shards}", f"run.storage_path={storage}",
                               "data.loader_workers=0", "data.shuffle_buffer=64",
-                              "data.eval_batch_size=32", "train.batch_size=32", "train.epochs=2",
+                              "train.eval_batch_size=32", "train.batch_size=32", "train.epochs=2",
                               "train.log_every=3", "run.use_gpu=false", "run.name=tiny", *extra])

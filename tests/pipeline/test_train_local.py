@@ -89,8 +89,7 @@ def test_resume_from_path(tiny_shards, tiny_config, tmp_path):
 
 
 def test_cnn_trains_through_the_same_loop(tiny_shards, tiny_config, tmp_path):
-    cfg = tiny_config(tiny_shards, tmp_path, "train.epochs=1")
-    cfg.model = {"type": "cnn", "conv_channels": [4, 4, 4], "conv_kernel": 3, "fc_hidden": [8, 8]}
+    cfg = tiny_config(tiny_shards, tmp_path, "train.epochs=1", "model.type=cnn")
     train(cfg, local=True)
     row = metrics_of(cfg)[0]
     assert "train_cross_entropy" in row and row["test_samples"] == 80
@@ -166,3 +165,17 @@ def test_checkpoint_staging_folders_are_removed(tiny_shards, tiny_config, tmp_pa
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     train(tiny_config(tiny_shards, tmp_path / "runs"), local=True)
     assert not list(scratch.glob("capsnet-ckpt-*")), "per-epoch staging checkpoints leaked"
+
+
+def test_skipped_samples_are_reported(tiny_shards, tiny_config, tmp_path):
+    """A run over a corrupt shard used to report 0 skipped (the loop read a misspelt stat)."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    victim = sorted(shards.glob("train-*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[: 3 * 512 + 100])  # cut inside the second sample
+    cfg = tiny_config(shards, tmp_path / "runs", "train.epochs=1")
+    train(cfg, local=True)
+    row = metrics_of(cfg)[0]
+    assert row["skipped_samples"] > 0

@@ -8,27 +8,23 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import yaml
 
-from capscore import CapsNetConfig
 from pipeline.config import ConfigError, load_config
 from pipeline.tune import load_tune_config
 
 # capscore's tiny preset (image size from the data), with a W init that learns within 3 epochs
-TINY = {**{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(CapsNetConfig.tiny()).items()
-           if k != "image_size"}, "weight_init_std": 0.5}
+TINY = {"preset": "tiny", "weight_init_std": 0.5}
 
 
 def search_config(path: Path, shards, storage, **search) -> Path:
     raw = {
-        "data": {"shards": str(shards), "loader_workers": 0, "eval_batch_size": 40,
-                 "augment": False},
+        "data": {"shards": str(shards), "loader_workers": 0, "augment": False},
         "model": {"type": "capsnet", **TINY},
-        "train": {"epochs": 3, "batch_size": 32, "log_every": 5},
+        "train": {"epochs": 3, "batch_size": 32, "eval_batch_size": 40, "log_every": 5},
         "run": {"use_gpu": False, "max_failures": 0},
         "search": {"name": "tiny-search", "storage_path": str(storage), "num_samples": 1,
                    "space": {"train.lr": {"grid": [0.02, 0.01, 1.0e-7, 1.0e-8]}},
@@ -41,13 +37,14 @@ def search_config(path: Path, shards, storage, **search) -> Path:
 
 @pytest.mark.parametrize("space, message", [
     ({"train.lrr": {"choice": [1]}}, "train.lrr"),
-    ({"model.routing_iterations": {"choice": []}}, "non-empty"),
+    ({"model.routing.iterations": {"choice": []}}, "at least 1 item"),
     ({"train.lr": {"choice": [0.0, 1e-3]}}, "train.lr"),
-    ({"train.lr": {"loguniform": [0, 1e-3]}}, "> 0"),
+    ({"train.lr": {"loguniform": [0, 1e-3]}}, "loguniform.0: Input should be greater than 0"),
     ({"train.lr": {"uniform": [1e-3, 1e-4]}}, "low must be < high"),
     ({"train.lr": {"normal": [0, 1]}}, "choice"),
     ({"optimizer.lr": {"choice": [1e-3]}}, "optimizer"),
-    ({"model.routing_iterations": {"choice": [0, 3]}}, "routing_iterations"),
+    ({"model.routing.iterations": {"choice": [0, 3]}}, "routing.iterations"),
+    ({"model.routing.name": {"choice": ["dynamic", "nope"]}}, "routing.name"),
 ])
 def test_search_space_errors_fail_before_ray(tmp_path, tiny_shards, space, message):
     path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path, space=space)
@@ -122,3 +119,11 @@ def test_search_interrupted_then_resumed(tmp_path, tiny_shards):
     from pipeline.train.trainer import train
 
     assert train(best, local=True).epochs == 1
+
+
+def test_set_reaches_the_search_space(tmp_path, tiny_shards):
+    path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path)
+    tc = load_tune_config(path, ["search.space.train.lr={loguniform: [1e-4, 1e-2]}",
+                                 "search.space.model.routing.iterations={choice: [1, 2]}"])
+    assert tc.search.values("train.lr") == [1e-4, 1e-2]  # YAML 1.1 strings became floats
+    assert tc.search.values("model.routing.iterations") == [1, 2]

@@ -14,26 +14,32 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.commands import HelpFormatter
+from pipeline.commands.eval import evaluate_checkpoint
+from pipeline.config import load_config
+from pipeline.data import ShardsConfig, load_dataset_info, write_shards
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 MNIST_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
 
 
-def add_smoke_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("smoke", help="end-to-end smoke test: shards, train, eval, accuracy check",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--dataset", default="auto",
                    help="auto (MNIST in --data-dir, else Debian Fashion-MNIST, else synthetic), "
                         "mnist, idx, fashion-mnist, synthetic")
     p.add_argument("--data-dir", default="data", help="torchvision root, or IDX folder for idx")
-    p.add_argument("--config", default="configs/smoke.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--train-samples", type=int, default=3000)
-    p.add_argument("--test-samples", type=int, default=1000)
-    p.add_argument("--out", default="runs", help="storage path for the run (default: runs)")
+    p.add_argument("--config", default="configs/smoke.yaml", help="run config to train")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override of the run config (repeatable)")
+    p.add_argument("--train-samples", type=int, default=3000, help="training images to shard")
+    p.add_argument("--test-samples", type=int, default=1000, help="test images to shard")
+    p.add_argument("--out", default="runs", help="storage path for the run")
     p.add_argument("--local", action="store_true", help="train without Ray (same loop)")
     p.add_argument("--min-accuracy", type=float, default=None,
-                   help="fail below this test accuracy (default: 3x chance, at most 0.5)")
-    p.set_defaults(func=run_smoke)
+                   help="fail below this test accuracy (none: 3x chance, at most 0.5)")
+    p.set_defaults(func=run)
 
 
 def choose_dataset(choice: str, data_dir: str) -> tuple[str, str | None, str]:
@@ -54,10 +60,7 @@ def choose_dataset(choice: str, data_dir: str) -> tuple[str, str | None, str]:
     return choice, (None if choice == "synthetic" else data_dir), f"--dataset {choice}"
 
 
-def run_smoke(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.data import ShardsConfig, load_dataset_info, write_shards
-    from pipeline.evaluate import evaluate_checkpoint
+def run(args: argparse.Namespace) -> int:
     from pipeline.train.trainer import train
 
     t0 = time.perf_counter()
@@ -79,7 +82,7 @@ def run_smoke(args: argparse.Namespace) -> int:
         print(f"[smoke] FAILED: no checkpoint in {summary.run_dir}", file=sys.stderr)
         return 1
     result = evaluate_checkpoint(summary.checkpoint, str(shards), "test", batch_size=500,
-                                 num_workers=0)
+                                 loader_workers=0)
     chance = 1.0 / info.num_classes
     floor = args.min_accuracy if args.min_accuracy is not None else min(0.5, 3 * chance)
     print(summary.line())

@@ -1,0 +1,38 @@
+"""`DataConfig`: the run config's `data:` section and the loader's settings, defined once.
+
+The loader reads its settings from this object (`make_loader(data, split, ...)`), so a value
+that passes config validation is a value the loader accepts, with one set of defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from pipeline.schema import Bool, Int, Section, Str
+
+
+class DataConfig(Section):
+    shards: Annotated[Str, Field(min_length=1)] = "shards/mnist"
+    """Shard folder (or URL) holding dataset.json, as written by `capsnet shards`."""
+    train_split: Str = "train"
+    """Split to train on."""
+    eval_split: Str = "test"
+    """Split evaluated exactly after every epoch."""
+    loader_workers: Annotated[Int, Field(ge=0)] = 2
+    """DataLoader worker processes per training worker; 0 reads in the training process."""
+    shuffle_buffer: Annotated[Int, Field(ge=1)] = 2000
+    """Samples held in each loader worker's shuffle buffer (shards are pre-shuffled too)."""
+    augment: Bool = True
+    """Random shifts of up to max_shift px of training images (the paper's only augmentation)."""
+    max_shift: Annotated[Int, Field(ge=0)] = 2
+    """Largest shift in pixels for `augment`."""
+    on_error: Literal["skip", "raise"] = "skip"
+    """Corrupt samples/shards: skip and count them, or stop."""
+    verify_checksums: Bool = False
+    """Check every shard's sha256 against dataset.json before training."""
+    pin_memory: Bool = False
+    """Page-locked host batches (faster copies to a GPU)."""
+    prefetch_factor: Annotated[Int, Field(ge=1)] = 4
+    """Batches each loader worker prepares ahead (with loader_workers > 0)."""
