@@ -39,14 +39,14 @@ test: install  ## all test tiers this machine can run (unit, slow, ray; gpu when
 test-fast: install  ## the fast unit tier only (seconds)
 	$(PY) -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
 
-lint: install  ## check style, lint and types (changes nothing)
+lint: install  ## check style, lint and types over the whole tree (changes nothing)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check capscore
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy capscore
 
-format: install  ## fix what ruff can fix
+format: install  ## fix what ruff can fix, format the whole tree
 	$(VENV)/bin/ruff check --fix .
-	$(VENV)/bin/ruff format capscore
+	$(VENV)/bin/ruff format .
 
 bench: install  ## model train-step and data-loader benchmarks (see BENCHMARKS.md)
 	$(PY) bench/bench_model.py

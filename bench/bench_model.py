@@ -62,6 +62,7 @@ RESULT_TAG = "RESULT "
 
 # --- the two comparison layers (same interface as ClassCapsules: u_BIP -> (v_BJD, c_BIJ)) ---
 
+
 class EinsumClassCapsules(nn.Module):
     """Plain einsum class capsules: W [I, J, D, P], logits [B, I, J]."""
 
@@ -140,10 +141,14 @@ def verify(batch: int = 3) -> str:
         out = model(images, targets)
         model.loss(out, images, targets).total.backward()
         w = next(p for n, p in model.named_parameters() if n.startswith("classes.weight"))
-        results[impl] = {"lengths": out.lengths, "poses": out.poses, "coupling": out.coupling,
-                         "reconstructions": out.reconstructions,
-                         "grad_W": capscore_layout(impl, w.grad),
-                         "grad_conv1": model.conv1.weight.grad}
+        results[impl] = {
+            "lengths": out.lengths,
+            "poses": out.poses,
+            "coupling": out.coupling,
+            "reconstructions": out.reconstructions,
+            "grad_W": capscore_layout(impl, w.grad),
+            "grad_conv1": model.conv1.weight.grad,
+        }
     worst = 0.0
     for impl in IMPLS[1:]:
         for key, ref in results["capscore"].items():
@@ -156,6 +161,7 @@ def verify(batch: int = 3) -> str:
 
 
 # --- one measurement, in its own process ---
+
 
 def rss_kib(field: str) -> int:
     """VmRSS / VmHWM of this process in KiB (Linux)."""
@@ -183,8 +189,9 @@ def busy_cores_s() -> tuple[float, float]:
     return busy / ticks, own.ru_utime + own.ru_stime
 
 
-def median_ms(fn, warmup: int, steps: int, sync, quiet_load: float = float("inf"),
-              tries: int = 3) -> tuple[float, float, float]:
+def median_ms(
+    fn, warmup: int, steps: int, sync, quiet_load: float = float("inf"), tries: int = 3
+) -> tuple[float, float, float]:
     """(median wall ms, this process's CPU ms per step, other processes' busy cores).
 
     On a shared machine the timed block is repeated (up to `tries` times) while other processes
@@ -234,8 +241,9 @@ def saved_for_backward_mib(forward_loss, model: nn.Module) -> float:
     return sum(saved.values()) / 2**20
 
 
-def measure(impl: str, batch: int, mode: str, device: str, warmup: int, steps: int,
-            quiet_load: float) -> dict:
+def measure(
+    impl: str, batch: int, mode: str, device: str, warmup: int, steps: int, quiet_load: float
+) -> dict:
     """Median train-step time, peak memory over the set-up baseline, and class-layer time."""
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -243,8 +251,9 @@ def measure(impl: str, batch: int, mode: str, device: str, warmup: int, steps: i
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     images = torch.rand(batch, 1, 28, 28, device=device)
     targets = torch.randint(0, 10, (batch,), device=device)
-    amp = (torch.autocast(device, dtype=torch.bfloat16) if mode == "bf16"
-           else contextlib.nullcontext())
+    amp = (
+        torch.autocast(device, dtype=torch.bfloat16) if mode == "bf16" else contextlib.nullcontext()
+    )
 
     def forward_loss():
         with amp:
@@ -279,10 +288,18 @@ def measure(impl: str, batch: int, mode: str, device: str, warmup: int, steps: i
 
     layer_ms = median_ms(layer_step, warmup, steps, sync, quiet_load)[0]
     saved = None if mode == "compile" else saved_for_backward_mib(forward_loss, model)
-    result = {"impl": impl, "batch": batch, "mode": mode, "step_ms": step_ms,
-              "images_per_s": batch / step_ms * 1000, "peak_mib": peak / 2**20,
-              "cpu_ms": cpu_ms, "other_cores": other_cores, "layer_ms": layer_ms,
-              "saved_mib": saved}
+    result = {
+        "impl": impl,
+        "batch": batch,
+        "mode": mode,
+        "step_ms": step_ms,
+        "images_per_s": batch / step_ms * 1000,
+        "peak_mib": peak / 2**20,
+        "cpu_ms": cpu_ms,
+        "other_cores": other_cores,
+        "layer_ms": layer_ms,
+        "saved_mib": saved,
+    }
     if not cuda and not exact_peak:
         result["note"] = "VmHWM not resettable: peak includes set-up"
     return result
@@ -302,20 +319,32 @@ def wait_for_quiet(max_load: float, max_wait: float) -> float:
 
 
 def run_worker(args: argparse.Namespace, impl: str, batch: int, mode: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{impl},{batch},{mode}",
-           "--device", args.device, "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--quiet-load", str(args.quiet_load)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        f"{impl},{batch},{mode}",
+        "--device",
+        args.device,
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--quiet-load",
+        str(args.quiet_load),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            return json.loads(line[len(RESULT_TAG) :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
     return {"impl": impl, "batch": batch, "mode": mode, "error": " | ".join(tail)}
 
 
 # --- report ---
+
 
 def best_of(runs: list[dict]) -> dict:
     """The repeat with the fastest median step (least disturbed), with the largest peak seen."""
@@ -329,16 +358,24 @@ def machine(device: str) -> list[str]:
     lines = []
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model_name = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
-                           if ln.startswith("Model name")), platform.processor())
+        model_name = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in lscpu.splitlines()
+                if ln.startswith("Model name")
+            ),
+            platform.processor(),
+        )
     except OSError:
         model_name = platform.processor() or "unknown CPU"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines.append(f"- CPU: {model_name}, nproc {cores}, torch threads {torch.get_num_threads()}")
     if device == "cuda":
         lines.append(f"- GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
-    lines.append(f"- torch {torch.__version__}, Python {platform.python_version()}, "
-                 f"{platform.system()} {platform.release()}")
+    lines.append(
+        f"- torch {torch.__version__}, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
     return lines
 
 
@@ -347,26 +384,33 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def table(results: list[dict]) -> list[str]:
-    rows = ["| mode | batch | impl | step ms (median) | images/s | x naive | x einsum "
-            "| peak mem MiB | saved for bwd MiB | class layer fwd+bwd ms | CPU ms/step "
-            "| other load (cores) |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| mode | batch | impl | step ms (median) | images/s | x naive | x einsum "
+        "| peak mem MiB | saved for bwd MiB | class layer fwd+bwd ms | CPU ms/step "
+        "| other load (cores) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     by_key = {(r["mode"], r["batch"], r["impl"]): r for r in results}
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['mode']} | {r['batch']} | {r['impl']} | failed: {r['error']} "
-                        "| | | | | | | | |")
+            rows.append(
+                f"| {r['mode']} | {r['batch']} | {r['impl']} | failed: {r['error']} "
+                "| | | | | | | | |"
+            )
             continue
         ratios = []
         for other in ("naive", "einsum"):
             o = by_key.get((r["mode"], r["batch"], other), {})
-            ratios.append(f"{r['images_per_s'] / o['images_per_s']:.2f}" if "images_per_s" in o
-                          else "-")
-        rows.append(f"| {r['mode']} | {r['batch']} | {r['impl']} | {r['step_ms']:.1f} "
-                    f"| {r['images_per_s']:.1f} | {ratios[0]} | {ratios[1]} "
-                    f"| {r['peak_mib']:.0f} | {fmt(r.get('saved_mib'), '.1f')} "
-                    f"| {r['layer_ms']:.1f} | {r['cpu_ms']:.0f} "
-                    f"| {r['other_cores']:.2f} |")
+            ratios.append(
+                f"{r['images_per_s'] / o['images_per_s']:.2f}" if "images_per_s" in o else "-"
+            )
+        rows.append(
+            f"| {r['mode']} | {r['batch']} | {r['impl']} | {r['step_ms']:.1f} "
+            f"| {r['images_per_s']:.1f} | {ratios[0]} | {ratios[1]} "
+            f"| {r['peak_mib']:.0f} | {fmt(r.get('saved_mib'), '.1f')} "
+            f"| {r['layer_ms']:.1f} | {r['cpu_ms']:.0f} "
+            f"| {r['other_cores']:.2f} |"
+        )
     return rows
 
 
@@ -378,37 +422,68 @@ def target_check(results: list[dict]) -> list[str]:
         e, n = by_key.get((mode, batch, "einsum")), by_key.get((mode, batch, "naive"))
         if impl != "capscore" or e is None or n is None:
             continue
-        checks = {"speed >= einsum": r["images_per_s"] >= e["images_per_s"],
-                  "speed >= 1.5x naive": r["images_per_s"] >= 1.5 * n["images_per_s"],
-                  "memory < einsum and naive": r["peak_mib"] < min(e["peak_mib"], n["peak_mib"])}
+        checks = {
+            "speed >= einsum": r["images_per_s"] >= e["images_per_s"],
+            "speed >= 1.5x naive": r["images_per_s"] >= 1.5 * n["images_per_s"],
+            "memory < einsum and naive": r["peak_mib"] < min(e["peak_mib"], n["peak_mib"]),
+        }
         verdict = ", ".join(f"{k}: {'yes' if ok else 'NO'}" for k, ok in checks.items())
         lines.append(f"- {mode}, batch {batch}: {verdict}")
     return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Each (impl, batch, mode) runs in a fresh subprocess.")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: cuda if available, else cpu")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Each (impl, batch, mode) runs in a fresh subprocess.",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: cuda if available, else cpu",
+    )
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated, from %(default)s")
-    p.add_argument("--batch-sizes", default=None,
-                   help="comma-separated (default: 16,32,64 on CPU, 64,128,256 on CUDA)")
-    p.add_argument("--modes", default=None,
-                   help="comma-separated from fp32,bf16,compile (default: fp32 on CPU, all on CUDA)")
+    p.add_argument(
+        "--batch-sizes",
+        default=None,
+        help="comma-separated (default: 16,32,64 on CPU, 64,128,256 on CUDA)",
+    )
+    p.add_argument(
+        "--modes",
+        default=None,
+        help="comma-separated from fp32,bf16,compile (default: fp32 on CPU, all on CUDA)",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--steps", type=int, default=7, help="timed steps; median reported (default 7)")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="fresh processes per row, interleaved; the fastest is reported (default 2)")
-    p.add_argument("--quiet-wait", type=float, default=60,
-                   help="before each run, wait up to this many s for other processes to go quiet "
-                        "(shared machines; 0: don't wait; default 60)")
-    p.add_argument("--quiet-load", type=float, default=0.3,
-                   help="'quiet' means other processes busy < this many cores (default 0.3)")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
-    p.add_argument("--quick", action="store_true",
-                   help="very short run: batch 16 (CPU) / 64 (CUDA), 1 warm-up, 3 timed steps")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="fresh processes per row, interleaved; the fastest is reported (default 2)",
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60,
+        help="before each run, wait up to this many s for other processes to go quiet "
+        "(shared machines; 0: don't wait; default 60)",
+    )
+    p.add_argument(
+        "--quiet-load",
+        type=float,
+        default=0.3,
+        help="'quiet' means other processes busy < this many cores (default 0.3)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="very short run: batch 16 (CPU) / 64 (CUDA), 1 warm-up, 3 timed steps",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the float64 equivalence check")
     p.add_argument("--timeout", type=float, default=600, help="seconds per subprocess")
     p.add_argument("--output", type=Path, help="also write the markdown report to this file")
@@ -420,16 +495,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.warmup, args.steps, args.repeats = 1, 3, 1
         args.batch_sizes = args.batch_sizes or ("64" if cuda else "16")
-    args.batch_sizes = [int(b) for b in (args.batch_sizes or
-                                         ("64,128,256" if cuda else "16,32,64")).split(",")]
+    args.batch_sizes = [
+        int(b) for b in (args.batch_sizes or ("64,128,256" if cuda else "16,32,64")).split(",")
+    ]
     args.modes = (args.modes or (",".join(MODES) if cuda else "fp32")).split(",")
     args.impls = args.impls.split(",")
     for name, values, allowed in (("--impls", args.impls, IMPLS), ("--modes", args.modes, MODES)):
         if bad := [v for v in values if v not in allowed]:
             p.error(f"{name}: unknown {bad}, choose from {allowed}")
     if args.device == "cpu" and "compile" in args.modes:
-        print("note: torch.compile on CPU needs a C++ compiler and is slow to warm up",
-              file=sys.stderr)
+        print(
+            "note: torch.compile on CPU needs a C++ compiler and is slow to warm up",
+            file=sys.stderr,
+        )
     return args
 
 
@@ -439,8 +517,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.worker:
         impl, batch, mode = args.worker.split(",")
-        result = measure(impl, int(batch), mode, args.device, args.warmup, args.steps,
-                         args.quiet_load)
+        result = measure(
+            impl, int(batch), mode, args.device, args.warmup, args.steps, args.quiet_load
+        )
         print(RESULT_TAG + json.dumps(result), flush=True)
         return
     started = time.time()
@@ -459,11 +538,14 @@ def main(argv: list[str] | None = None) -> None:
     results = [best_of(rs) for rs in runs.values()]
     command = " ".join(["python", *sys.argv])
     report = [
-        "## CapsNet train step: capscore vs einsum vs naive class capsules", "",
+        "## CapsNet train step: capscore vs einsum vs naive class capsules",
+        "",
         f"Command: `{command}`  ",
         f"Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; "
-        f"total wall time {time.time() - started:.0f} s", "",
-        *machine(args.device), "",
+        f"total wall time {time.time() - started:.0f} s",
+        "",
+        *machine(args.device),
+        "",
         f"Model: CapsNet(CapsNetConfig.mnist()), 28x28x1, 3 routing iterations, Adam. "
         f"{args.warmup} warm-up steps, median of {args.steps} timed steps, in {args.repeats} fresh "
         f"processes per row run interleaved; the row shows the fastest one. Equivalence: {check}.",
@@ -472,15 +554,23 @@ def main(argv: list[str] | None = None) -> None:
         "load: CPU cores kept busy by other processes during the timed steps (from /proc/stat); "
         "well above 0 means the wall times are inflated by contention. Saved for bwd: bytes autograd "
         "keeps from one forward for the backward (unique storages, parameters excluded): a "
-        "deterministic measure of activation memory, unlike RSS.", "",
-        "Peak memory: " + ("torch.cuda.max_memory_allocated() minus memory_allocated() after "
-                           "set-up." if args.device == "cuda" else
-                           "VmHWM minus VmRSS after set-up (model, optimizer, data), in a fresh "
-                           "process; includes gradients + Adam state (3 x 8.2M fp32 = 94 MiB, "
-                           "the same for every impl)."), "",
-        *table(results), "",
+        "deterministic measure of activation memory, unlike RSS.",
+        "",
+        "Peak memory: "
+        + (
+            "torch.cuda.max_memory_allocated() minus memory_allocated() after set-up."
+            if args.device == "cuda"
+            else "VmHWM minus VmRSS after set-up (model, optimizer, data), in a fresh "
+            "process; includes gradients + Adam state (3 x 8.2M fp32 = 94 MiB, "
+            "the same for every impl)."
+        ),
+        "",
+        *table(results),
+        "",
         "Target (capscore at least as fast as einsum, >= 1.5x naive, less peak memory than both):",
-        *target_check(results), ""]
+        *target_check(results),
+        "",
+    ]
     text = "\n".join(report)
     print("\n" + text)
     if args.output:

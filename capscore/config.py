@@ -6,6 +6,7 @@ bad YAML override fails before any tensor is allocated (and before Ray starts).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,7 +205,7 @@ class BaselineCNNConfig:
         return cls(**{**base, **overrides})
 
 
-CAPSNET_PRESETS = {
+CAPSNET_PRESETS: dict[str, Callable[..., CapsNetConfig]] = {
     "mnist": CapsNetConfig.mnist,
     "multimnist": CapsNetConfig.multimnist,
     "cifar10": CapsNetConfig.cifar10,
@@ -212,7 +213,10 @@ CAPSNET_PRESETS = {
 }
 """CapsNetConfig presets by name (`model.preset`); each takes field overrides."""
 
-CNN_PRESETS = {"mnist": BaselineCNNConfig, "tiny": BaselineCNNConfig.tiny}
+CNN_PRESETS: dict[str, Callable[..., BaselineCNNConfig]] = {
+    "mnist": BaselineCNNConfig,
+    "tiny": BaselineCNNConfig.tiny,
+}
 """BaselineCNNConfig presets by name: the paper's MNIST baseline, and a tiny test network."""
 
 

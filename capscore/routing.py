@@ -111,9 +111,7 @@ class DynamicRouting(nn.Module):
         self.config = config
         self.bias_JD = nn.Parameter(torch.zeros(num_out, out_dim)) if config.bias else None
 
-    def forward(
-        self, u_hat_BIJD: torch.Tensor, a_BI: torch.Tensor | None = None
-    ) -> RoutingOutput:
+    def forward(self, u_hat_BIJD: torch.Tensor, a_BI: torch.Tensor | None = None) -> RoutingOutput:
         cfg = self.config
         v_BJD, c_BIJ = dynamic_routing(u_hat_BIJD, cfg.iterations, cfg.detach_inner, self.bias_JD)
         return RoutingOutput(poses=v_BJD, activations=v_BJD.float().norm(dim=-1), couplings=c_BIJ)

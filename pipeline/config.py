@@ -133,14 +133,16 @@ def _model_kind(value: Any) -> str:
 
 
 _family_forms = {kind: _family_model(kind) for kind in MODELS}
-_MODEL_FORM = TypeAdapter(Annotated[
-    Union[tuple(Annotated[form, Tag(f"<{k}>")] for k, form in _family_forms.items())],  # noqa: UP007
-    Discriminator(
-        _model_kind,
-        custom_error_type="unknown_model",
-        custom_error_message=f"type must be one of {sorted(MODELS)}",
-    ),
-])
+_MODEL_FORM = TypeAdapter(
+    Annotated[
+        Union[tuple(Annotated[form, Tag(f"<{k}>")] for k, form in _family_forms.items())],  # noqa: UP007
+        Discriminator(
+            _model_kind,
+            custom_error_type="unknown_model",
+            custom_error_message=f"type must be one of {sorted(MODELS)}",
+        ),
+    ]
+)
 
 
 # --- sections ---------------------------------------------------------------------------------
@@ -245,8 +247,11 @@ class RunConfig(Section):
         """Plain data (YAML/JSON-able), the form configs are written in; parse_run_config
         reads it back."""
         out = plain(self.model_dump(exclude={"model"}))
-        return {"data": out["data"], "model": self.model.to_yaml_dict(), **{
-            k: out[k] for k in ("train", "run", "debug")}}
+        return {
+            "data": out["data"],
+            "model": self.model.to_yaml_dict(),
+            **{k: out[k] for k in ("train", "run", "debug")},
+        }
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:
         """A copy with some keys changed, e.g. replace(run={"num_workers": 1}), re-validated."""
@@ -291,7 +296,9 @@ def parse_run_config(raw: Any, source: str = "") -> RunConfig:
                 type=parsed.type, preset=parsed.preset, overrides=_given(given, overrides)
             )
         except ValidationError as err:
-            errors += error_lines(err, ("model",), root=_family_forms.get(given.get("type", "capsnet")))
+            errors += error_lines(
+                err, ("model",), root=_family_forms.get(given.get("type", "capsnet"))
+            )
     try:
         config = RunConfig.model_validate({**raw, "model": section})
     except ValidationError as err:

@@ -39,14 +39,20 @@ def correct_predictions(scores_BJ: torch.Tensor, targets: torch.Tensor) -> torch
     if targets.dim() == 1:
         return scores_BJ.argmax(1) == targets
     k = int(targets.sum(1).max())
-    top = torch.zeros_like(targets, dtype=torch.bool).scatter_(1, scores_BJ.topk(k, 1).indices, True)
+    top = torch.zeros_like(targets, dtype=torch.bool).scatter_(
+        1, scores_BJ.topk(k, 1).indices, True
+    )
     return (top == targets.bool()).all(1)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device: torch.device,
-             autocast: AbstractContextManager | None = None, distributed: bool = False,
-             ) -> EvalResult:
+def evaluate(
+    model: torch.nn.Module,
+    loader,
+    device: torch.device,
+    autocast: AbstractContextManager | None = None,
+    distributed: bool = False,
+) -> EvalResult:
     """Accuracy, summed loss parts and confusion matrix over this rank's share, then summed
     over ranks. The model sees no targets, so CapsNet's decoder is masked by its prediction."""
     # Forward through the plain module: ranks may run one eval batch more or less than each
@@ -60,7 +66,10 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device,
     sums: dict[str, torch.Tensor] = {}
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     for images, targets in loader:
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images, targets = (
+            images.to(device, non_blocking=True),
+            targets.to(device, non_blocking=True),
+        )
         with autocast or nullcontext():
             out = inner(images)
             loss = inner.loss(out, images, targets)
@@ -71,33 +80,49 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device,
         total += B
         if targets.dim() == 1:
             idx = targets * num_classes + out.scores.argmax(1)
-            confusion += torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
+            confusion += torch.bincount(idx, minlength=num_classes**2).view(
+                num_classes, num_classes
+            )
     inner.train(was_training)
     names = sorted(sums)
     skipped = torch.tensor(float(loader.stats.samples_skipped), device=device)
     if distributed:
         # One fixed-order vector, one collective. Every rank has at least one eval batch (the
         # loader refuses a rank with no data), so all ranks hold the same part names.
-        packed = torch.stack([correct.float(), total.float(), skipped,
-                              *[sums.get(n, torch.zeros((), device=device)) for n in names]])
+        packed = torch.stack(
+            [
+                correct.float(),
+                total.float(),
+                skipped,
+                *[sums.get(n, torch.zeros((), device=device)) for n in names],
+            ]
+        )
         dist.all_reduce(packed)
         dist.all_reduce(confusion)
         correct, total, skipped = packed[0].long(), packed[1].long(), packed[2]
         sums = dict(zip(names, packed[3:], strict=True))
-    return EvalResult(correct=int(correct), total=int(total),
-                      loss_sums={k: float(v) for k, v in sums.items()},
-                      confusion=confusion.cpu(), samples_skipped=int(skipped))
+    return EvalResult(
+        correct=int(correct),
+        total=int(total),
+        loss_sums={k: float(v) for k, v in sums.items()},
+        confusion=confusion.cpu(),
+        samples_skipped=int(skipped),
+    )
 
 
 def format_result(result: EvalResult, title: str) -> str:
-    lines = [title,
-             f"samples {result.total}  accuracy {result.accuracy:.4f}  "
-             f"error {100 * (1 - result.accuracy):.2f}%",
-             "losses " + "  ".join(f"{k} {v:.4f}" for k, v in result.mean_losses().items())]
+    lines = [
+        title,
+        f"samples {result.total}  accuracy {result.accuracy:.4f}  "
+        f"error {100 * (1 - result.accuracy):.2f}%",
+        "losses " + "  ".join(f"{k} {v:.4f}" for k, v in result.mean_losses().items()),
+    ]
     if result.confusion is not None:
         J = result.confusion.shape[0]
-        lines.append("per-class accuracy " + "  ".join(
-            f"{j}:{a:.3f}" for j, a in enumerate(result.per_class_accuracy())))
+        lines.append(
+            "per-class accuracy "
+            + "  ".join(f"{j}:{a:.3f}" for j, a in enumerate(result.per_class_accuracy()))
+        )
         lines.append("confusion (rows true, columns predicted)")
         lines.append("      " + " ".join(f"{p:>6d}" for p in range(J)))
         for t in range(J):

@@ -33,9 +33,25 @@ from typing import Any
 import yaml
 
 #: Never uploaded with the working dir (gitignore syntax, relative to the working dir).
-UPLOAD_EXCLUDES = [".git", ".venv", "venv", "runs", "shards", "data", "out", "build", "dist",
-                   "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache",
-                   "*.tar", "*.pt", ".ray"]
+UPLOAD_EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    "runs",
+    "shards",
+    "data",
+    "out",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    "*.tar",
+    "*.pt",
+    ".ray",
+]
 
 HOW_TO_START = """\
 How to get a cluster and its address:
@@ -63,16 +79,22 @@ def resolve_address(cli_value: str | None, env: dict[str, str]) -> str:
     """The Jobs API URL from --address or $RAY_ADDRESS, normalised to http(s)://host:port."""
     address = (cli_value or env.get("RAY_ADDRESS") or "").strip().rstrip("/")
     if not address:
-        raise SubmitError("no cluster address: pass --address URL or set RAY_ADDRESS "
-                          "(e.g. RAY_ADDRESS=http://127.0.0.1:8265).\n\n" + HOW_TO_START)
+        raise SubmitError(
+            "no cluster address: pass --address URL or set RAY_ADDRESS "
+            "(e.g. RAY_ADDRESS=http://127.0.0.1:8265).\n\n" + HOW_TO_START
+        )
     if address == "auto" or address.startswith("ray://"):
-        raise SubmitError(f"RAY_ADDRESS={address!r} is not a Jobs API address; jobs are "
-                          "submitted to the dashboard, e.g. http://127.0.0.1:8265.\n\n" + HOW_TO_START)
+        raise SubmitError(
+            f"RAY_ADDRESS={address!r} is not a Jobs API address; jobs are "
+            "submitted to the dashboard, e.g. http://127.0.0.1:8265.\n\n" + HOW_TO_START
+        )
     if "://" not in address:
         address = "http://" + address
     if address.rsplit(":", 1)[-1] in ("6379", "10001"):
-        raise SubmitError(f"{address} looks like the GCS/client port, not the dashboard; use the "
-                          "dashboard port (default 8265), e.g. http://127.0.0.1:8265")
+        raise SubmitError(
+            f"{address} looks like the GCS/client port, not the dashboard; use the "
+            "dashboard port (default 8265), e.g. http://127.0.0.1:8265"
+        )
     return address
 
 
@@ -83,7 +105,9 @@ def auth_env(env: dict[str, str]) -> dict[str, str]:
     so RAY_AUTH_MODE=token is set for the child if unset. Nothing is read from the repo.
     """
     out = dict(env)
-    if (out.get("RAY_AUTH_TOKEN") or out.get("RAY_AUTH_TOKEN_PATH")) and not out.get("RAY_AUTH_MODE"):
+    if (out.get("RAY_AUTH_TOKEN") or out.get("RAY_AUTH_TOKEN_PATH")) and not out.get(
+        "RAY_AUTH_MODE"
+    ):
         out["RAY_AUTH_MODE"] = "token"
     path = out.get("RAY_AUTH_TOKEN_PATH")
     if path and not Path(path).expanduser().is_file():
@@ -114,12 +138,15 @@ def check_reachable(address: str, env: dict[str, str], timeout: float) -> None:
                 "auth token. Set RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to the token the cluster "
                 "was started with (`ray get-auth-token` on the head node), and RAY_AUTH_MODE=token."
             ) from None
-        raise SubmitError(f"the cluster at {address} answered HTTP {e.code} on /api/version; "
-                          "is this the Ray dashboard address?") from None
+        raise SubmitError(
+            f"the cluster at {address} answered HTTP {e.code} on /api/version; "
+            "is this the Ray dashboard address?"
+        ) from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise SubmitError(f"cannot reach a Ray cluster at {address} ({reason}).\n\n"
-                          + HOW_TO_START) from None
+        raise SubmitError(
+            f"cannot reach a Ray cluster at {address} ({reason}).\n\n" + HOW_TO_START
+        ) from None
     print(f"[submit] cluster at {address} answers (Ray {version})", flush=True)
 
 
@@ -163,8 +190,10 @@ def config_args(config: Path, working_dir: Path) -> tuple[list[str], str]:
         raise SubmitError(f"{config}: a config is a mapping of sections")
     flat = flatten(raw)
     if apply_overrides({}, flat) != raw:
-        raise SubmitError(f"{config} is outside the working dir and cannot be passed inline; "
-                          "move it under the working dir (e.g. configs/cluster/)")
+        raise SubmitError(
+            f"{config} is outside the working dir and cannot be passed inline; "
+            "move it under the working dir (e.g. configs/cluster/)"
+        )
     return [a for item in flat for a in ("--set", item)], "outside the working dir: passed inline"
 
 
@@ -177,13 +206,17 @@ def validate_locally(command: str, config: Path, overrides: Sequence[str]) -> st
     from pipeline.config import load_config
 
     cfg = load_config(config, list(overrides))
-    for key, value in (("data.shards", cfg.data.shards), ("run.storage_path", cfg.run.storage_path)):
+    for key, value in (
+        ("data.shards", cfg.data.shards),
+        ("run.storage_path", cfg.run.storage_path),
+    ):
         if "://" not in value and not Path(value).expanduser().is_absolute():
             raise SubmitError(
                 f"{key}={value!r} is a relative path: on the cluster it would point inside the "
                 "job's temporary copy of the repo (shards are not uploaded; outputs would be "
                 f"lost). Use object storage or a shared absolute path, e.g. --set {key}="
-                f"s3://YOUR-BUCKET/capsnet/{'shards/mnist' if key == 'data.shards' else 'runs'}")
+                f"s3://YOUR-BUCKET/capsnet/{'shards/mnist' if key == 'data.shards' else 'runs'}"
+            )
     return cfg.run.name
 
 
@@ -210,11 +243,25 @@ def submit_command(args: argparse.Namespace, address: str, run_name: str) -> lis
     working_dir = Path(args.working_dir)
     cfg_args, _ = config_args(Path(args.config), working_dir)
     submission_id = args.submission_id or (
-        f"capsnet-{args.command}-{run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", address,
-           "--working-dir", ".", "--runtime-env-json",
-           json.dumps(runtime_env(project_dependencies(working_dir) if args.pip_deps else None)),
-           "--submission-id", submission_id, "--log-style", "record"]
+        f"capsnet-{args.command}-{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps(runtime_env(project_dependencies(working_dir) if args.pip_deps else None)),
+        "--submission-id",
+        submission_id,
+        "--log-style",
+        "record",
+    ]
     if args.entrypoint_num_cpus is not None:
         cmd += ["--entrypoint-num-cpus", str(args.entrypoint_num_cpus)]
     if args.no_wait:
@@ -238,11 +285,14 @@ def submit(args: argparse.Namespace) -> int:
     check_reachable(address, env, args.timeout)
     cmd = submit_command(args, address, run_name)
     env.pop("RAY_ADDRESS", None)  # --address is explicit; a stale ray:// value would confuse ray
-    print(f"[submit] {shlex.join(cmd[cmd.index('job'):])}", flush=True)
+    print(f"[submit] {shlex.join(cmd[cmd.index('job') :])}", flush=True)
     returncode = run_submit(cmd, env, args.working_dir)
     if returncode != 0:
-        print(f"capsnet submit: the job failed or could not be followed (exit {returncode}); "
-              f"`ray job logs --address {address} <id>` shows its logs", file=sys.stderr)
+        print(
+            f"capsnet submit: the job failed or could not be followed (exit {returncode}); "
+            f"`ray job logs --address {address} <id>` shows its logs",
+            file=sys.stderr,
+        )
     return returncode
 
 
@@ -253,8 +303,15 @@ _AGENT_NOT_READY = "No available agent to submit job"
 def run_submit(cmd: list[str], env: dict[str, str], cwd: str, tries: int = 6) -> int:
     """Run `ray job submit`, streaming its output; retry while a fresh head is still starting."""
     for attempt in range(1, tries + 1):
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         not_ready = submitted = False
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -265,8 +322,10 @@ def run_submit(cmd: list[str], env: dict[str, str], cwd: str, tries: int = 6) ->
         returncode = proc.wait()
         if returncode == 0 or submitted or not not_ready or attempt == tries:
             return returncode
-        print(f"[submit] the cluster's job agent is not up yet; retrying in 5 s "
-              f"({attempt}/{tries - 1})", flush=True)
+        print(
+            f"[submit] the cluster's job agent is not up yet; retrying in 5 s "
+            f"({attempt}/{tries - 1})",
+            flush=True,
+        )
         time.sleep(5)
     return returncode
-

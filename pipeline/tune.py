@@ -83,8 +83,13 @@ class RandInt(_Range):
     """[low, high], both included"""
 
 
-DISTRIBUTIONS = {"choice": Choice, "grid": Grid, "uniform": Uniform, "loguniform": LogUniform,
-                 "randint": RandInt}
+DISTRIBUTIONS = {
+    "choice": Choice,
+    "grid": Grid,
+    "uniform": Uniform,
+    "loguniform": LogUniform,
+    "randint": RandInt,
+}
 
 
 def _kind(spec: Any) -> str:
@@ -94,8 +99,11 @@ def _kind(spec: Any) -> str:
 
 Distribution = Annotated[
     Union[tuple(Annotated[cls, Tag(f"<{k}>")] for k, cls in DISTRIBUTIONS.items())],  # noqa: UP007
-    Discriminator(_kind, custom_error_type="distribution",
-                  custom_error_message=f"must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}"),
+    Discriminator(
+        _kind,
+        custom_error_type="distribution",
+        custom_error_message=f"must be one of {{{' | '.join(DISTRIBUTIONS)}: ...}}",
+    ),
 ]
 
 
@@ -133,7 +141,11 @@ class SearchSection(Section):
     def values(self, key: str) -> list[Any]:
         """Values that every sample of `key` lies between: all choices, or both bounds."""
         spec = self.space[key]
-        return spec.bounds() if isinstance(spec, _Range) else list(next(iter(spec.model_dump().values())))
+        return (
+            spec.bounds()
+            if isinstance(spec, _Range)
+            else list(next(iter(spec.model_dump().values())))
+        )
 
     def space_dict(self) -> dict[str, dict[str, Any]]:
         return {k: v.model_dump(mode="json") for k, v in self.space.items()}
@@ -266,8 +278,12 @@ def _scheduler(search: SearchSection, epochs: int):
     sched = search.scheduler
     if sched.type == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="training_iteration", max_t=epochs,
-                         grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=epochs,
+        grace_period=sched.grace_period,
+        reduction_factor=sched.reduction_factor,
+    )
 
 
 def _search_alg(search: SearchSection):
@@ -277,7 +293,9 @@ def _search_alg(search: SearchSection):
         import optuna  # noqa: F401
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:
-        raise ConfigError("search.search_alg=optuna needs optuna: pip install -e '.[optuna]'") from None
+        raise ConfigError(
+            "search.search_alg=optuna needs optuna: pip install -e '.[optuna]'"
+        ) from None
     if any(isinstance(spec, Grid) for spec in search.space.values()):
         raise ConfigError("search.search_alg=optuna does not take grid entries; use choice")
     return OptunaSearch()
@@ -300,22 +318,33 @@ def run_tune(tc: TuneConfig, *, resume: bool = False) -> Path:
         if not tune.Tuner.can_restore(exp_dir):
             raise ConfigError(f"--resume: no experiment to resume at {exp_dir}")
         print(f"[capsnet] resuming the search in {exp_dir}", flush=True)
-        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(
+            exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
     else:
         if tune.Tuner.can_restore(exp_dir):
-            raise ConfigError(f"{exp_dir} already holds this experiment: add --resume to "
-                              f"continue it, or change search.name")
+            raise ConfigError(
+                f"{exp_dir} already holds this experiment: add --resume to "
+                f"continue it, or change search.name"
+            )
         space = param_space(search)
         space.update(base=base.to_dict(), trial_storage=f"{exp_dir}/trial_runs")
         tuner = tune.Tuner(
-            trainable, param_space=space,
+            trainable,
+            param_space=space,
             tune_config=tune.TuneConfig(
-                metric=search.metric, mode=search.mode, num_samples=search.num_samples,
-                scheduler=_scheduler(search, base.train.epochs), search_alg=_search_alg(search),
-                max_concurrent_trials=max_concurrent(search, base)),
-            run_config=tune.RunConfig(name=search.name, storage_path=storage,
-                                      failure_config=tune.FailureConfig(max_failures=search.max_failures)),
+                metric=search.metric,
+                mode=search.mode,
+                num_samples=search.num_samples,
+                scheduler=_scheduler(search, base.train.epochs),
+                search_alg=_search_alg(search),
+                max_concurrent_trials=max_concurrent(search, base),
+            ),
+            run_config=tune.RunConfig(
+                name=search.name,
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=search.max_failures),
+            ),
         )
     results = tuner.fit()
     report(results, tc, Path(exp_dir) if "://" not in exp_dir else Path("tune-" + search.name))
@@ -337,16 +366,18 @@ def result_rows(results, tc: TuneConfig) -> list[dict[str, Any]]:
         cfg = parse_run_config(apply_params(tc.base, params))
         epochs = max((int(h.get("epoch", 0)) for h in history), default=0)
         seconds = sum(float(h.get("epoch_time_s", 0.0)) for h in history)
-        rows.append({
-            "trial": trial,
-            **{k: params.get(k) for k in search.space},
-            f"best_{search.metric}": best,
-            "epochs_run": epochs,
-            "stopped_early": result.error is None and epochs < cfg.train.epochs,
-            "error": type(result.error).__name__ if result.error is not None else "",
-            "device_hours": cfg.run.num_workers * seconds / 3600.0,
-            "device": "GPU" if resolve_use_gpu(cfg.run.use_gpu) else "CPU",
-        })
+        rows.append(
+            {
+                "trial": trial,
+                **{k: params.get(k) for k in search.space},
+                f"best_{search.metric}": best,
+                "epochs_run": epochs,
+                "stopped_early": result.error is None and epochs < cfg.train.epochs,
+                "error": type(result.error).__name__ if result.error is not None else "",
+                "device_hours": cfg.run.num_workers * seconds / 3600.0,
+                "device": "GPU" if resolve_use_gpu(cfg.run.use_gpu) else "CPU",
+            }
+        )
     key = f"best_{search.metric}"
     rows.sort(key=lambda r: (math.isnan(r[key]), -r[key] if search.mode == "max" else r[key]))
     return rows
@@ -367,14 +398,18 @@ def report(results, tc: TuneConfig, out_dir: Path) -> list[dict[str, Any]]:
     params = {k: best[k] for k in tc.search.space}
     best_cfg = apply_params(tc.base, params)
     best_cfg["run"]["name"] = f"{tc.search.name}-best"
-    header = (f"# Best trial of search '{tc.search.name}' ({tc.search.metric} "
-              f"{best[f'best_{tc.search.metric}']:.4f}): {params}\n"
-              f"# Command: capsnet train --config {out_dir / 'best-config.yaml'}\n"
-              f"# Expected runtime: like one trial of the search, for all {best_cfg['train']['epochs']} epochs.\n")
+    header = (
+        f"# Best trial of search '{tc.search.name}' ({tc.search.metric} "
+        f"{best[f'best_{tc.search.metric}']:.4f}): {params}\n"
+        f"# Command: capsnet train --config {out_dir / 'best-config.yaml'}\n"
+        f"# Expected runtime: like one trial of the search, for all {best_cfg['train']['epochs']} epochs.\n"
+    )
     (out_dir / "best-config.yaml").write_text(header + yaml.safe_dump(best_cfg, sort_keys=False))
     plot_search(rows, tc, out_dir / "search.png")
-    print(f"[capsnet] results: {out_dir / 'results.csv'}; best config: "
-          f"{out_dir / 'best-config.yaml'}; plot: {out_dir / 'search.png'}")
+    print(
+        f"[capsnet] results: {out_dir / 'results.csv'}; best config: "
+        f"{out_dir / 'best-config.yaml'}; plot: {out_dir / 'search.png'}"
+    )
     return rows
 
 

@@ -27,9 +27,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def add_config_options(p: argparse.ArgumentParser, what: str = "run") -> None:
     """--config / --set, shared by train and tune."""
-    p.add_argument("--config", required=what == "search", metavar="YAML",
-                   help=f"YAML {what} config, e.g. configs/"
-                        f"{'tune-mnist' if what == 'search' else 'mnist'}.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, values parsed as YAML, e.g. --set train.lr=3e-4 "
-                        "(repeatable)")
+    p.add_argument(
+        "--config",
+        required=what == "search",
+        metavar="YAML",
+        help=f"YAML {what} config, e.g. configs/"
+        f"{'tune-mnist' if what == 'search' else 'mnist'}.yaml",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, values parsed as YAML, e.g. --set train.lr=3e-4 (repeatable)",
+    )

@@ -9,11 +9,18 @@ from pipeline.commands import HelpFormatter, add_config_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tune", help="Ray Tune search over routing iterations, lr, ... (ASHA)",
-                       description=tune.__doc__, formatter_class=HelpFormatter)
+    p = sub.add_parser(
+        "tune",
+        help="Ray Tune search over routing iterations, lr, ... (ASHA)",
+        description=tune.__doc__,
+        formatter_class=HelpFormatter,
+    )
     add_config_options(p, "search")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted search: finished trials are kept, unfinished resume")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted search: finished trials are kept, unfinished resume",
+    )
     p.set_defaults(func=run)
 
 

@@ -35,17 +35,21 @@ class TrainState:
     best_accuracy: float = -1.0
 
     @classmethod
-    def create(cls, model: torch.nn.Module, train: TrainSection, device: torch.device) -> TrainState:
+    def create(
+        cls, model: torch.nn.Module, train: TrainSection, device: torch.device
+    ) -> TrainState:
         """Adam with per-step exponential decay: lr * lr_decay ** (step / lr_decay_steps)."""
-        optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=train.lr, weight_decay=train.weight_decay
+        )
         decay, every = train.lr_decay, train.lr_decay_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: decay ** (step / every))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: decay ** (step / every)
+        )
         scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
         return cls(model, optimizer, scheduler, scaler)
 
-    def save(
-        self, folder: Path, *, run_config: dict[str, Any], metrics: dict[str, Any]
-    ) -> Path:
+    def save(self, folder: Path, *, run_config: dict[str, Any], metrics: dict[str, Any]) -> Path:
         """Write folder/checkpoint.pt atomically (a crash never leaves a half-written file)."""
         model = unwrap(self.model)
         payload = {

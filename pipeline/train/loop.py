@@ -110,8 +110,10 @@ def train_loop(config: dict[str, Any], context: WorkerContext | None = None) -> 
     if ckpt is not None:
         state.restore(ckpt)
         if rank0:
-            print(f"[capsnet] resuming {cfg.run.name} at epoch {state.next_epoch} from {ckpt_path}",
-                  flush=True)
+            print(
+                f"[capsnet] resuming {cfg.run.name} at epoch {state.next_epoch} from {ckpt_path}",
+                flush=True,
+            )
     state.model = ctx.prepare_model(state.model)  # moves to the device; DDP when world_size > 1
     if cfg.train.compile:
         state.model = torch.compile(state.model)
@@ -123,45 +125,80 @@ def train_loop(config: dict[str, Any], context: WorkerContext | None = None) -> 
     for epoch in range(state.next_epoch, cfg.train.epochs):
         _maybe_crash(cfg, epoch, rank0)
         stats = _train_epoch(state, cfg, info, epoch, ctx, first=epoch == state.next_epoch)
-        result = evaluate(state.model, _eval_loader(cfg, info, ctx), device,
-                          autocast_for(cfg.train.precision, device), ctx.distributed)
+        result = evaluate(
+            state.model,
+            _eval_loader(cfg, info, ctx),
+            device,
+            autocast_for(cfg.train.precision, device),
+            ctx.distributed,
+        )
         state.best_accuracy = max(state.best_accuracy, result.accuracy)
         state.next_epoch = epoch + 1
-        metrics = metrics_row(epoch, stats, result, best_accuracy=state.best_accuracy,
-                              lr=state.scheduler.get_last_lr()[0], world_size=ctx.world_size,
-                              per_rank=_per_rank(stats, device, ctx))
+        metrics = metrics_row(
+            epoch,
+            stats,
+            result,
+            best_accuracy=state.best_accuracy,
+            lr=state.scheduler.get_last_lr()[0],
+            world_size=ctx.world_size,
+            per_rank=_per_rank(stats, device, ctx),
+        )
         ckpt_dir = None
         if rank0:
             log.epoch(metrics)
-            ckpt_dir = _save(state, cfg, run_dir, metrics,
-                             is_best=result.accuracy >= state.best_accuracy)
+            ckpt_dir = _save(
+                state, cfg, run_dir, metrics, is_best=result.accuracy >= state.best_accuracy
+            )
             _figures(unwrap(state.model), cfg, info, device, run_dir)
-            print(f"[capsnet] epoch {epoch + 1}/{cfg.train.epochs} test acc {result.accuracy:.4f} "
-                  f"loss {stats.loss:.4f} {metrics['images_per_s']:.0f} img/s", flush=True)
+            print(
+                f"[capsnet] epoch {epoch + 1}/{cfg.train.epochs} test acc {result.accuracy:.4f} "
+                f"loss {stats.loss:.4f} {metrics['images_per_s']:.0f} img/s",
+                flush=True,
+            )
         ctx.report(metrics, ckpt_dir)
         if ckpt_dir is not None:  # reported (Ray has uploaded it) and copied to best/last
             shutil.rmtree(ckpt_dir, ignore_errors=True)
     log.close()
 
 
-def _train_loader(cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext, epoch: int,
-                  first: bool) -> ShardLoader:
-    return make_loader(cfg.data, cfg.data.train_split, info=info,
-                       batch_size=cfg.train.batch_size // ctx.world_size,
-                       rank=ctx.world_rank, world_size=ctx.world_size, epoch=epoch,
-                       seed=cfg.train.seed, training=True,
-                       verify_checksums=cfg.data.verify_checksums and first)
+def _train_loader(
+    cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext, epoch: int, first: bool
+) -> ShardLoader:
+    return make_loader(
+        cfg.data,
+        cfg.data.train_split,
+        info=info,
+        batch_size=cfg.train.batch_size // ctx.world_size,
+        rank=ctx.world_rank,
+        world_size=ctx.world_size,
+        epoch=epoch,
+        seed=cfg.train.seed,
+        training=True,
+        verify_checksums=cfg.data.verify_checksums and first,
+    )
 
 
 def _eval_loader(cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext) -> ShardLoader:
-    return make_loader(cfg.data, cfg.data.eval_split, info=info,
-                       batch_size=-(-cfg.train.eval_batch_size // ctx.world_size),
-                       rank=ctx.world_rank, world_size=ctx.world_size, training=False,
-                       verify_checksums=False)
+    return make_loader(
+        cfg.data,
+        cfg.data.eval_split,
+        info=info,
+        batch_size=-(-cfg.train.eval_batch_size // ctx.world_size),
+        rank=ctx.world_rank,
+        world_size=ctx.world_size,
+        training=False,
+        verify_checksums=False,
+    )
 
 
-def _train_epoch(state: TrainState, cfg: RunConfig, info: DatasetInfo, epoch: int,
-                 ctx: WorkerContext, first: bool) -> EpochStats:
+def _train_epoch(
+    state: TrainState,
+    cfg: RunConfig,
+    info: DatasetInfo,
+    epoch: int,
+    ctx: WorkerContext,
+    first: bool,
+) -> EpochStats:
     """One pass over this rank's batches. Loss parts are accumulated on the device and checked
     for NaN/inf every `log_every` steps, so there is no host sync per step."""
     loader = _train_loader(cfg, info, ctx, epoch, first)
@@ -181,7 +218,10 @@ def _train_epoch(state: TrainState, cfg: RunConfig, info: DatasetInfo, epoch: in
     for step, (images, targets) in enumerate(loader):
         if step >= n_batches:
             break  # the same cap on every rank, so DDP stays in step
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images, targets = (
+            images.to(device, non_blocking=True),
+            targets.to(device, non_blocking=True),
+        )
         with autocast:
             out = model(images, targets)
             loss = inner.loss(out, images, targets)
@@ -191,8 +231,11 @@ def _train_epoch(state: TrainState, cfg: RunConfig, info: DatasetInfo, epoch: in
         state.scaler.update()
         state.scheduler.step()
         names = ["total", *loss.parts]
-        pending.append(torch.stack([loss.total.detach().float(),
-                                    *[p.detach().float() for p in loss.parts.values()]]))
+        pending.append(
+            torch.stack(
+                [loss.total.detach().float(), *[p.detach().float() for p in loss.parts.values()]]
+            )
+        )
         samples += images.shape[0]
         if step == 0:
             fingerprint = images.detach().float().sum() + targets.float().sum()
@@ -209,35 +252,47 @@ def _train_epoch(state: TrainState, cfg: RunConfig, info: DatasetInfo, epoch: in
         bar.close()
     steps = min(n_batches, step + 1)
     means = (sums / max(steps, 1)).tolist() if sums is not None else [math.nan] * max(len(names), 1)
-    return EpochStats(steps=steps, samples=samples, loss=means[0],
-                      parts=dict(zip(names[1:], means[1:], strict=True)),
-                      seconds=time.perf_counter() - t0, fingerprint=fingerprint,
-                      samples_skipped=loader.stats.samples_skipped)
+    return EpochStats(
+        steps=steps,
+        samples=samples,
+        loss=means[0],
+        parts=dict(zip(names[1:], means[1:], strict=True)),
+        seconds=time.perf_counter() - t0,
+        fingerprint=fingerprint,
+        samples_skipped=loader.stats.samples_skipped,
+    )
 
 
 def _per_rank(stats: EpochStats, device: torch.device, ctx: WorkerContext) -> dict[str, list]:
     """Steps and a first-batch fingerprint of every rank, so a run shows that all ranks took
     the same number of steps on different data."""
-    mine = torch.stack([torch.tensor(float(stats.steps), device=device),
-                        stats.fingerprint.to(device).float()])
+    mine = torch.stack(
+        [torch.tensor(float(stats.steps), device=device), stats.fingerprint.to(device).float()]
+    )
     if ctx.distributed:
         gathered = [torch.zeros_like(mine) for _ in range(ctx.world_size)]
         torch.distributed.all_gather(gathered, mine)
     else:
         gathered = [mine]
-    return {"rank_steps": [int(g[0]) for g in gathered],
-            "rank_first_batch_sums": [round(float(g[1]), 3) for g in gathered]}
+    return {
+        "rank_steps": [int(g[0]) for g in gathered],
+        "rank_first_batch_sums": [round(float(g[1]), 3) for g in gathered],
+    }
 
 
 def _check_finite(block: torch.Tensor, names: list[str], first_step: int) -> None:
     bad = ~torch.isfinite(block)
     if bad.any():
         row, col = (int(i) for i in bad.nonzero()[0])
-        part = names[col] if col else next(
-            (n for n, b in zip(names[1:], bad[row, 1:], strict=True) if b), "total")
+        part = (
+            names[col]
+            if col
+            else next((n for n, b in zip(names[1:], bad[row, 1:], strict=True) if b), "total")
+        )
         raise NonFiniteLossError(
             f"non-finite loss at global step {first_step + row} (0-based): part '{part}' = "
-            f"{float(block[row, names.index(part)])}; lower train.lr or use train.precision=fp32")
+            f"{float(block[row, names.index(part)])}; lower train.lr or use train.precision=fp32"
+        )
 
 
 def _progress(total: int, epoch: int, cfg: RunConfig, ctx: WorkerContext):
@@ -245,11 +300,14 @@ def _progress(total: int, epoch: int, cfg: RunConfig, ctx: WorkerContext):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", leave=False)
+    return tqdm(
+        total=total, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", leave=False
+    )
 
 
-def _save(state: TrainState, cfg: RunConfig, run_dir: Path, metrics: dict[str, Any],
-          is_best: bool) -> Path:
+def _save(
+    state: TrainState, cfg: RunConfig, run_dir: Path, metrics: dict[str, Any], is_best: bool
+) -> Path:
     """Rank 0: checkpoint for Ray (a temp folder it uploads) + best/last copies in the run dir."""
     staging = Path(tempfile.mkdtemp(prefix=f"capsnet-ckpt-e{state.next_epoch}-"))
     path = state.save(staging, run_config=cfg.to_dict(), metrics=metrics)
@@ -267,16 +325,23 @@ def _figures(model, cfg: RunConfig, info: DatasetInfo, device, run_dir: Path) ->
     not another pass (or another set of worker processes) over the eval split."""
     if getattr(model, "decoder", None) is None:
         return
-    first = make_loader(cfg.data.model_copy(update={"loader_workers": 0}), cfg.data.eval_split,
-                        info=info, batch_size=8, training=False, verify_checksums=False)
+    first = make_loader(
+        cfg.data.model_copy(update={"loader_workers": 0}),
+        cfg.data.eval_split,
+        info=info,
+        batch_size=8,
+        training=False,
+        verify_checksums=False,
+    )
     images, _ = next(iter(first))
     images = images.to(device)
     was_training = model.training
     model.eval()
     out = model(images)
     model.train(was_training)
-    save_reconstructions(images, out.reconstructions, run_dir / "reconstructions.png",
-                         out.scores.argmax(1))
+    save_reconstructions(
+        images, out.reconstructions, run_dir / "reconstructions.png", out.scores.argmax(1)
+    )
 
 
 def _newest_checkpoint(ctx: WorkerContext, run_dir: Path, cfg: RunConfig):

@@ -27,9 +27,11 @@ class Summary:
 
     def line(self) -> str:
         acc = self.best_test_accuracy
-        return (f"[capsnet] done: {self.name}: {self.epochs} epochs, best test accuracy "
-                f"{acc:.4f} (error {100 * (1 - acc):.2f}%), {self.last_images_per_s:.0f} img/s; "
-                f"outputs in {self.run_dir}")
+        return (
+            f"[capsnet] done: {self.name}: {self.epochs} epochs, best test accuracy "
+            f"{acc:.4f} (error {100 * (1 - acc):.2f}%), {self.last_images_per_s:.0f} img/s; "
+            f"outputs in {self.run_dir}"
+        )
 
 
 def resolve_use_gpu(setting: bool | str) -> bool:
@@ -48,8 +50,14 @@ def resolve_use_gpu(setting: bool | str) -> bool:
     return torch.cuda.is_available()
 
 
-def build_trainer(cfg: RunConfig, *, storage_path: str | None = None, name: str | None = None,
-                  config_dict: dict[str, Any] | None = None, callbacks: list | None = None):
+def build_trainer(
+    cfg: RunConfig,
+    *,
+    storage_path: str | None = None,
+    name: str | None = None,
+    config_dict: dict[str, Any] | None = None,
+    callbacks: list | None = None,
+):
     """The TorchTrainer for this run (used by `capsnet train` and by every Tune trial)."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -59,14 +67,19 @@ def build_trainer(cfg: RunConfig, *, storage_path: str | None = None, name: str 
     return TorchTrainer(
         train_loop,
         train_loop_config=config_dict or cfg.to_dict(),
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+        ),
         run_config=RayRunConfig(
             name=name or cfg.run.name,
             storage_path=storage_path or absolute_path(cfg.run.storage_path),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
-                                               checkpoint_score_attribute="test_accuracy",
-                                               checkpoint_score_order="max"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.run.keep_checkpoints,
+                checkpoint_score_attribute="test_accuracy",
+                checkpoint_score_order="max",
+            ),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=callbacks,
         ),
@@ -90,8 +103,14 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     else:
         # address="local": always a fresh embedded instance, never whatever cluster another
         # `ray start` left on this machine (that is what RAY_ADDRESS is for). Loopback only.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
-                 dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+        )
 
 
 def summarize(cfg: RunConfig) -> Summary:
@@ -100,9 +119,14 @@ def summarize(cfg: RunConfig) -> Summary:
     best = max((r["test_accuracy"] for r in rows), default=float("nan"))
     last = rows[-1] if rows else {}
     ckpt = run_dir / "checkpoints" / "best" / "checkpoint.pt"
-    return Summary(name=cfg.run.name, run_dir=run_dir, epochs=int(last.get("epoch", 0)),
-                   best_test_accuracy=best, last_images_per_s=float(last.get("images_per_s", 0.0)),
-                   checkpoint=str(ckpt) if ckpt.is_file() else None)
+    return Summary(
+        name=cfg.run.name,
+        run_dir=run_dir,
+        epochs=int(last.get("epoch", 0)),
+        best_test_accuracy=best,
+        last_images_per_s=float(last.get("images_per_s", 0.0)),
+        checkpoint=str(ckpt) if ckpt.is_file() else None,
+    )
 
 
 def train(cfg: RunConfig, *, local: bool = False) -> Summary:
@@ -130,8 +154,10 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     """Local paths resolved against the driver's working directory: Ray workers run elsewhere."""
     return cfg.replace(
         data={"shards": absolute_path(cfg.data.shards)},
-        run={"storage_path": absolute_path(cfg.run.storage_path),
-             "resume_from": absolute_path(cfg.run.resume_from)},
+        run={
+            "storage_path": absolute_path(cfg.run.storage_path),
+            "resume_from": absolute_path(cfg.run.resume_from),
+        },
     )
 
 

@@ -5,8 +5,10 @@ import torch
 
 from capscore import CapsNet, CapsNetConfig
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
 
 def test_cuda_matches_cpu_and_bf16_is_close():

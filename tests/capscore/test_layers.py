@@ -18,7 +18,10 @@ def squash_reference(s: torch.Tensor) -> torch.Tensor:
 
 def test_squash_matches_paper_formula_float64():
     torch.manual_seed(0)
-    s = torch.randn(64, 16, dtype=torch.float64) * torch.logspace(-3, 2, 64, dtype=torch.float64)[:, None]
+    s = (
+        torch.randn(64, 16, dtype=torch.float64)
+        * torch.logspace(-3, 2, 64, dtype=torch.float64)[:, None]
+    )
     torch.testing.assert_close(squash(s), squash_reference(s), rtol=1e-12, atol=1e-15)
 
 
@@ -32,8 +35,10 @@ def test_squash_norm_below_one_and_direction_kept():
     torch.testing.assert_close(cos, torch.ones_like(cos))
     # a long vector approaches length 1, a short one is shrunk quadratically
     assert squash(torch.tensor([[1e3, 0.0]])).norm() > 0.999
-    torch.testing.assert_close(squash(torch.tensor([[1e-2, 0.0]], dtype=torch.float64)).norm(),
-                               torch.tensor(1e-4 / (1 + 1e-4), dtype=torch.float64))
+    torch.testing.assert_close(
+        squash(torch.tensor([[1e-2, 0.0]], dtype=torch.float64)).norm(),
+        torch.tensor(1e-4 / (1 + 1e-4), dtype=torch.float64),
+    )
 
 
 def test_squash_other_dim():
@@ -72,7 +77,7 @@ def test_primary_capsules_group_channels_at_one_position():
         for row in range(H):
             for col in range(W):
                 i = t * H * W + row * W + col
-                expected = squash_reference(y[:, t * dim:(t + 1) * dim, row, col])
+                expected = squash_reference(y[:, t * dim : (t + 1) * dim, row, col])
                 torch.testing.assert_close(u[:, i], expected)
 
 

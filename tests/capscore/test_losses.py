@@ -26,9 +26,10 @@ def test_margin_loss_multi_hot_equals_sum_of_terms():
 def test_margin_loss_custom_margins_and_zero_when_perfect():
     lengths = torch.tensor([[1.0, 0.0]])
     assert margin_loss(lengths, torch.tensor([0])) == 0
-    torch.testing.assert_close(margin_loss(torch.tensor([[0.5, 0.5]]), torch.tensor([0]),
-                                           m_pos=0.8, m_neg=0.2, lam=1.0),
-                               torch.tensor(0.3**2 + 0.3**2))
+    torch.testing.assert_close(
+        margin_loss(torch.tensor([[0.5, 0.5]]), torch.tensor([0]), m_pos=0.8, m_neg=0.2, lam=1.0),
+        torch.tensor(0.3**2 + 0.3**2),
+    )
 
 
 def test_margin_loss_rejects_wrong_multi_hot_width():

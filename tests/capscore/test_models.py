@@ -23,11 +23,14 @@ from capscore import (
 # Every registered model family, by its tiny preset, and the tiny CapsNet under every routing:
 # a new MODELS / ROUTINGS entry is tested from its first line.
 TINY = {kind: (lambda kind=kind: build_model(MODELS[kind].make_config("tiny"))) for kind in MODELS}
-TINY.update({
-    f"capsnet-{name}": (lambda name=name: build_model(
-        CapsNetConfig.tiny(routing={"name": name})))
-    for name in ROUTINGS
-})
+TINY.update(
+    {
+        f"capsnet-{name}": (
+            lambda name=name: build_model(CapsNetConfig.tiny(routing={"name": name}))
+        )
+        for name in ROUTINGS
+    }
+)
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -50,9 +53,14 @@ def test_baseline_cnn_parameter_count_matches_paper():
     assert n_params(BaselineCNN(BaselineCNNConfig())) == 35_445_522
 
 
-@pytest.mark.parametrize("preset, shape, num_primary", [
-    ("mnist", (1, 28, 28), 1152), ("multimnist", (1, 36, 36), 32 * 10 * 10),
-    ("cifar10", (3, 32, 32), 64 * 8 * 8)])
+@pytest.mark.parametrize(
+    "preset, shape, num_primary",
+    [
+        ("mnist", (1, 28, 28), 1152),
+        ("multimnist", (1, 36, 36), 32 * 10 * 10),
+        ("cifar10", (3, 32, 32), 64 * 8 * 8),
+    ],
+)
 def test_presets_forward_shapes(preset, shape, num_primary):
     cfg = getattr(CapsNetConfig, preset)()
     model = CapsNet(cfg).eval()
@@ -72,7 +80,7 @@ def test_gradients_reach_every_parameter(kind, multi_hot):
     torch.manual_seed(0)
     model = TINY[kind]()
     images = torch.rand(4, 1, 12, 12)
-    targets = (torch.tensor([[1.0, 1] + [0] * 8] * 4) if multi_hot else torch.tensor([0, 1, 2, 3]))
+    targets = torch.tensor([[1.0, 1] + [0] * 8] * 4) if multi_hot else torch.tensor([0, 1, 2, 3])
     out = model(images, targets)
     loss = model.loss(out, images, targets)
     loss.total.backward()
@@ -126,12 +134,21 @@ def test_decoder_sees_only_masked_capsule():
     torch.testing.assert_close(model.decoder(poses, mask), model.decoder(changed, mask))
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("routing", {"iterations": 0}, "routing.iterations"), ("image_size", 10, "image_size"),
-    ("reconstruction_weight", -1.0, "reconstruction_weight"), ("primary_dim", 0, "primary_dim"),
-    ("num_classes", 1, "num_classes"), ("m_neg", 0.95, "m_neg"),
-    ("margin_lambda", -0.5, "margin_lambda"), ("routing", {"name": "nope"}, "routing.name"),
-    ("routing", {"iteration": 2}, "iteration"), ("routing", "dynamic", "routing")])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("routing", {"iterations": 0}, "routing.iterations"),
+        ("image_size", 10, "image_size"),
+        ("reconstruction_weight", -1.0, "reconstruction_weight"),
+        ("primary_dim", 0, "primary_dim"),
+        ("num_classes", 1, "num_classes"),
+        ("m_neg", 0.95, "m_neg"),
+        ("margin_lambda", -0.5, "margin_lambda"),
+        ("routing", {"name": "nope"}, "routing.name"),
+        ("routing", {"iteration": 2}, "iteration"),
+        ("routing", "dynamic", "routing"),
+    ],
+)
 def test_capsnet_config_errors_name_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
         CapsNetConfig(**{field: value})
@@ -142,8 +159,10 @@ def test_image_too_small_message_names_sizes():
         CapsNetConfig(image_size=16)
 
 
-@pytest.mark.parametrize("field, value", [("dropout", 1.0), ("conv_kernel", 4),
-                                          ("conv_channels", ()), ("num_classes", 0)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("dropout", 1.0), ("conv_kernel", 4), ("conv_channels", ()), ("num_classes", 0)],
+)
 def test_cnn_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         BaselineCNNConfig(**{field: value})
@@ -197,7 +216,10 @@ def test_capscore_imports_without_ray_webdataset_or_pipeline():
         "m = capscore.CapsNet(capscore.CapsNetConfig.tiny())\n"
         "out = m(torch.rand(2, 1, 12, 12))\n"
         "assert not any(k.split('.')[0] in ('ray', 'webdataset', 'pipeline') for k in sys.modules)\n"
-        "print('ok', tuple(out.lengths.shape))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        "print('ok', tuple(out.lengths.shape))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "ok (2, 10)" in result.stdout

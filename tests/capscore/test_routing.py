@@ -72,7 +72,9 @@ def test_agreement_increases_coupling_to_agreeing_parent():
     u_hat = torch.zeros(1, 30, 2, 4, dtype=torch.float64)
     vote = torch.tensor([1.0, 0.5, 0.0, 0.0], dtype=torch.float64)
     u_hat[:, :, 0] = vote
-    u_hat[:, :, 1] = vote * torch.tensor([(-1.0) ** i for i in range(30)], dtype=torch.float64)[:, None]
+    u_hat[:, :, 1] = (
+        vote * torch.tensor([(-1.0) ** i for i in range(30)], dtype=torch.float64)[:, None]
+    )
     _, c1 = dynamic_routing(u_hat, 1)
     _, c3 = dynamic_routing(u_hat, 3)
     torch.testing.assert_close(c1, torch.full_like(c1, 0.5))

@@ -30,9 +30,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "CAPSNET_TEST_CLUSTER"
-NODE_PORT_FLAGS = ["--node-manager-port", "--object-manager-port", "--metrics-export-port",
-                   "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                   "--runtime-env-agent-port"]
+NODE_PORT_FLAGS = [
+    "--node-manager-port",
+    "--object-manager-port",
+    "--metrics-export-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+]
 
 
 def free_ports(n: int) -> list[int]:
@@ -57,10 +62,15 @@ class LocalRayCluster:
         # Short path: Ray's unix sockets live under it and must stay under ~100 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
         bin_dir = str(Path(sys.executable).parent)
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex,
-                    "RAY_USAGE_STATS_ENABLED": "0", MARKER: self.marker,
-                    # job entrypoints run `python`: the one with this project's packages
-                    "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": uuid.uuid4().hex,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            MARKER: self.marker,
+            # job entrypoints run `python`: the one with this project's packages
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
         for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "CUDA_VISIBLE_DEVICES"):
             self.env.pop(key, None)
         self.nodes: dict[str, subprocess.Popen] = {}
@@ -74,39 +84,76 @@ class LocalRayCluster:
         # Two nodes on one machine must not share a fixed default port; worker ports are
         # random by default.
         ports = free_ports(len(NODE_PORT_FLAGS))
-        port_args = [a for flag, port in zip(NODE_PORT_FLAGS, ports, strict=True)
-                     for a in (flag, str(port))]
-        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
-               "--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir,
-               "--num-gpus", "0", *port_args, *args]
+        port_args = [
+            a for flag, port in zip(NODE_PORT_FLAGS, ports, strict=True) for a in (flag, str(port))
+        ]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--temp-dir",
+            self.temp_dir,
+            "--num-gpus",
+            "0",
+            *port_args,
+            *args,
+        ]
         log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
-        self.nodes[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True, cwd=self.temp_dir)
+        self.nodes[name] = subprocess.Popen(
+            cmd,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.temp_dir,
+        )
 
     def start_head(self, num_cpus: int) -> None:
         self.gcs_port, self.dashboard_port, client_port = free_ports(3)
-        self._start("head", ["--head", "--port", str(self.gcs_port), "--num-cpus", str(num_cpus),
-                             "--dashboard-host", "127.0.0.1",
-                             "--dashboard-port", str(self.dashboard_port),
-                             "--ray-client-server-port", str(client_port)])
+        self._start(
+            "head",
+            [
+                "--head",
+                "--port",
+                str(self.gcs_port),
+                "--num-cpus",
+                str(num_cpus),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.dashboard_port),
+                "--ray-client-server-port",
+                str(client_port),
+            ],
+        )
 
     def add_node(self, name: str, num_cpus: int) -> None:
-        self._start(name, ["--address", f"127.0.0.1:{self.gcs_port}",
-                           "--num-cpus", str(num_cpus)])
+        self._start(name, ["--address", f"127.0.0.1:{self.gcs_port}", "--num-cpus", str(num_cpus)])
 
     def wait_for_nodes(self, alive: int, timeout: float = 120) -> None:
         """Block until the cluster reports `alive` live nodes (via the token-protected API)."""
-        code = ("import sys\nfrom ray.util.state import list_nodes\n"
-                f"n = list_nodes(address={self.dashboard!r}, filters=[('state', '=', 'ALIVE')])\n"
-                "print(len(n))\n")
+        code = (
+            "import sys\nfrom ray.util.state import list_nodes\n"
+            f"n = list_nodes(address={self.dashboard!r}, filters=[('state', '=', 'ALIVE')])\n"
+            "print(len(n))\n"
+        )
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
             for name, proc in self.nodes.items():
                 if proc.poll() is not None:
                     raise RuntimeError(f"ray node {name} exited: see {self.log_dir / name}.log")
-            r = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True,
-                               text=True, timeout=60)
+            r = subprocess.run(
+                [sys.executable, "-c", code],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             last = (r.stdout + r.stderr).strip()[-500:]
             if r.returncode == 0 and r.stdout.strip() == str(alive):
                 return
@@ -120,15 +167,18 @@ class LocalRayCluster:
         proc.wait(timeout=30)
 
     def run(self, cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True,
-                              timeout=timeout, **kw)
+        return subprocess.run(
+            cmd, env=self.env, capture_output=True, text=True, timeout=timeout, **kw
+        )
 
     def train_worker_nodes(self) -> set[str]:
         """Node ids that hosted a RayTrainWorker actor (alive or dead)."""
-        code = ("from ray.util.state import list_actors\n"
-                f"a = list_actors(address={self.dashboard!r}, detail=True, limit=1000,\n"
-                "    filters=[('class_name', '=', 'RayTrainWorker')], raise_on_missing_output=False)\n"
-                "print(' '.join(sorted({x.node_id for x in a})))\n")
+        code = (
+            "from ray.util.state import list_actors\n"
+            f"a = list_actors(address={self.dashboard!r}, detail=True, limit=1000,\n"
+            "    filters=[('class_name', '=', 'RayTrainWorker')], raise_on_missing_output=False)\n"
+            "print(' '.join(sorted({x.node_id for x in a})))\n"
+        )
         r = self.run([sys.executable, "-c", code], timeout=60)
         assert r.returncode == 0, r.stderr[-2000:]
         return set(r.stdout.split())

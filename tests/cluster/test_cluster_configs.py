@@ -29,8 +29,18 @@ REPO = Path(__file__).resolve().parents[2]
 LAUNCHERS = ["cluster/aws.yaml", "cluster/gcp.yaml"]
 KUBERAY = ["cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml"]
 SCHEMA = json.loads((Path(__file__).parent / "kuberay_v1.schema.json").read_text())
-RUNTIME_ENV_KEYS = {"working_dir", "py_modules", "pip", "uv", "conda", "env_vars", "excludes",
-                    "image_uri", "config", "py_executable"}
+RUNTIME_ENV_KEYS = {
+    "working_dir",
+    "py_modules",
+    "pip",
+    "uv",
+    "conda",
+    "env_vars",
+    "excludes",
+    "image_uri",
+    "config",
+    "py_executable",
+}
 
 
 def load(path: str) -> dict:
@@ -104,12 +114,18 @@ def test_kuberay_manifest_matches_kuberay_schema(path):
 
 @pytest.mark.parametrize("path", KUBERAY)
 def test_kuberay_pod_templates_match_kubernetes_schema(path):
-    kv = pytest.importorskip("kubernetes_validate",
-                             reason="pip install kubernetes-validate (dev extra) for the "
-                                    "offline Kubernetes core schemas")
+    kv = pytest.importorskip(
+        "kubernetes_validate",
+        reason="pip install kubernetes-validate (dev extra) for the "
+        "offline Kubernetes core schemas",
+    )
     for name, template in pod_templates(load(path)).items():
-        wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name},
-                   "template": template}
+        wrapped = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": name},
+            "template": template,
+        }
         kv.validate(wrapped, kv.latest_version(), strict=True)
 
 
@@ -124,8 +140,9 @@ def test_kuberay_token_comes_from_a_secret(path):
             assert "value" not in token, f"{name}: a literal token"
             assert token["valueFrom"]["secretKeyRef"]["name"] == "capsnet-ray-token"
     gpu = [t for n, t in templates.items() if n not in ("head", "submitter")]
-    assert gpu and all(t["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
-                       for t in gpu)
+    assert gpu and all(
+        t["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8" for t in gpu
+    )
 
 
 def test_kuberay_schema_catches_typos():
@@ -174,17 +191,24 @@ def test_sbatch_script_parses_and_runs_capsnet():
     subprocess.run(["bash", "-n", SBATCH], cwd=REPO, check=True)
     text = (REPO / SBATCH).read_text()
     assert re.search(r"^#SBATCH --nodes=\d+", text, re.M)
-    env = {"PATH": "/usr/bin:/bin", "DRY_RUN": "1", "SLURM_JOB_NUM_NODES": "2",
-           "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "64", "HEAD_IP": "10.0.0.1",
-           "EXTRA_ARGS": "--set train.epochs=1"}
-    out = subprocess.run(["bash", SBATCH], cwd=REPO, env=env, capture_output=True, text=True,
-                         check=True).stdout
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DRY_RUN": "1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_CPUS_PER_TASK": "64",
+        "HEAD_IP": "10.0.0.1",
+        "EXTRA_ARGS": "--set train.epochs=1",
+    }
+    out = subprocess.run(
+        ["bash", SBATCH], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    ).stdout
     argv = shlex.split(out)
     assert argv[:2] == ["srun", "--nodes=2"]
     sym = argv.index("symmetric-run")
     assert argv[sym - 1] == "ray" and argv[argv.index("--min-nodes") + 1] == "2"
     assert argv[argv.index("--num-gpus") + 1] == "8"
-    entry = argv[argv.index("--") + 1:]
+    entry = argv[argv.index("--") + 1 :]
     assert entry[:2] == ["env", "RAY_ADDRESS=10.0.0.1:6379"]
     check_capsnet_entrypoint(entry[2:])
 
@@ -192,8 +216,10 @@ def test_sbatch_script_parses_and_runs_capsnet():
 # --- run configs and secrets --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", sorted(p.relative_to(REPO).as_posix()
-                                        for p in (REPO / "configs" / "cluster").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "path",
+    sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs" / "cluster").glob("*.yaml")),
+)
 def test_cluster_run_configs_load_and_say_how_to_run(path):
     text = (REPO / path).read_text()
     assert "Command" in text and "runtime" in text
@@ -215,9 +241,12 @@ def test_mnist_16gpu_is_two_8gpu_nodes_in_bf16():
     assert cfg.data.shards.startswith("s3://") and cfg.run.storage_path.startswith("s3://")
 
 
-SECRET_PATTERNS = [r"AKIA[0-9A-Z]{16}", r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
-                   r"(?i)(secret|token|password)\s*[:=]\s*['\"]?[A-Za-z0-9+/]{24,}",
-                   r"\b[0-9a-f]{32,}\b"]
+SECRET_PATTERNS = [
+    r"AKIA[0-9A-Z]{16}",
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    r"(?i)(secret|token|password)\s*[:=]\s*['\"]?[A-Za-z0-9+/]{24,}",
+    r"\b[0-9a-f]{32,}\b",
+]
 
 
 def test_no_credentials_in_cluster_files():

@@ -19,13 +19,23 @@ import yaml
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     from pipeline.data import ShardsConfig, write_shards
 
     out = tmp_path_factory.mktemp("cluster-shards") / "tiny"
-    write_shards(ShardsConfig(dataset="synthetic", out=str(out), image_size=12,
-                              train_samples=320, test_samples=80, shard_size=50, seed=1))
+    write_shards(
+        ShardsConfig(
+            dataset="synthetic",
+            out=str(out),
+            image_size=12,
+            train_samples=320,
+            test_samples=80,
+            shard_size=50,
+            seed=1,
+        )
+    )
     return out
 
 
@@ -34,11 +44,20 @@ def write_config(path, shards, storage, name: str, epochs: int, max_failures: in
         "data": {"shards": str(shards), "loader_workers": 0, "shuffle_buffer": 64},
         "model": {"type": "capsnet", "preset": "tiny"},
         "train": {"epochs": epochs, "batch_size": 32, "eval_batch_size": 32, "log_every": 5},
-        "run": {"name": name, "storage_path": str(storage), "num_workers": 2, "use_gpu": False,
-                "cpus_per_worker": 1, "max_failures": max_failures, "keep_checkpoints": 1},
+        "run": {
+            "name": name,
+            "storage_path": str(storage),
+            "num_workers": 2,
+            "use_gpu": False,
+            "cpus_per_worker": 1,
+            "max_failures": max_failures,
+            "keep_checkpoints": 1,
+        },
     }
-    header = (f"# Test-only 2-worker CPU run over a 2-node local cluster.\n"
-              f"# Command: make train-cluster CONFIG={path}\n# Expected runtime: ~1 min\n")
+    header = (
+        f"# Test-only 2-worker CPU run over a 2-node local cluster.\n"
+        f"# Command: make train-cluster CONFIG={path}\n# Expected runtime: ~1 min\n"
+    )
     path.write_text(header + yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -46,8 +65,16 @@ def write_config(path, shards, storage, name: str, epochs: int, max_failures: in
 def make_train_cluster(cluster, config) -> list[str]:
     # -o: the venv is already installed (the stamp may be missing outside `make install`);
     # PY: the interpreter running these tests.
-    return ["make", "--no-print-directory", "-o", ".venv/.installed", "train-cluster",
-            f"RAY_ADDRESS={cluster.dashboard}", f"CONFIG={config}", f"PY={sys.executable}"]
+    return [
+        "make",
+        "--no-print-directory",
+        "-o",
+        ".venv/.installed",
+        "train-cluster",
+        f"RAY_ADDRESS={cluster.dashboard}",
+        f"CONFIG={config}",
+        f"PY={sys.executable}",
+    ]
 
 
 def epochs_in(run_dir) -> list[int]:
@@ -59,8 +86,7 @@ def epochs_in(run_dir) -> list[int]:
 
 def test_train_cluster_two_nodes(ray_cluster, shards, tmp_path):
     storage = tmp_path / "runs"
-    config = write_config(tmp_path / "tiny.yaml", shards, storage, "e2e", epochs=2,
-                          max_failures=0)
+    config = write_config(tmp_path / "tiny.yaml", shards, storage, "e2e", epochs=2, max_failures=0)
     result = ray_cluster.run(make_train_cluster(ray_cluster, config), timeout=480, cwd=REPO)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]
@@ -75,12 +101,28 @@ def test_train_cluster_two_nodes(ray_cluster, shards, tmp_path):
 
 
 def test_wrong_token_is_refused(ray_cluster, shards, tmp_path):
-    config = write_config(tmp_path / "tiny.yaml", shards, tmp_path / "runs", "refused",
-                          epochs=1, max_failures=0)
+    config = write_config(
+        tmp_path / "tiny.yaml", shards, tmp_path / "runs", "refused", epochs=1, max_failures=0
+    )
     env = {**ray_cluster.env, "RAY_AUTH_TOKEN": "not-the-token"}
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "train", "--config",
-                             str(config), "--address", ray_cluster.dashboard], env=env,
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "submit",
+            "train",
+            "--config",
+            str(config),
+            "--address",
+            ray_cluster.dashboard,
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "auth token" in result.stderr
     assert not (tmp_path / "runs").exists()
@@ -91,13 +133,19 @@ def test_train_cluster_survives_node_loss(ray_cluster, shards, tmp_path):
     bring up a replacement node as an autoscaler would, and the job still finishes: Ray
     restarts the worker group and training continues from the last checkpoint."""
     storage, epochs = tmp_path / "runs", 8
-    config = write_config(tmp_path / "tiny.yaml", shards, storage, "nodeloss", epochs=epochs,
-                          max_failures=2)
+    config = write_config(
+        tmp_path / "tiny.yaml", shards, storage, "nodeloss", epochs=epochs, max_failures=2
+    )
     run_dir = storage / "nodeloss"
     log_path = tmp_path / "make.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(make_train_cluster(ray_cluster, config), env=ray_cluster.env,
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            make_train_cluster(ray_cluster, config),
+            env=ray_cluster.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             # Wait for a checkpoint Ray has persisted, so the restart has something to resume.
             deadline = time.monotonic() + 300
@@ -105,8 +153,9 @@ def test_train_cluster_survives_node_loss(ray_cluster, shards, tmp_path):
                 assert time.monotonic() < deadline, "no checkpoint in 300 s"
                 time.sleep(0.2)
             done_before = epochs_in(run_dir)
-            assert proc.poll() is None and done_before and done_before[-1] < epochs, \
+            assert proc.poll() is None and done_before and done_before[-1] < epochs, (
                 f"the run ended before a node could be removed: {log_path.read_text()[-3000:]}"
+            )
             ray_cluster.kill_node("worker1")
             ray_cluster.add_node("worker2", num_cpus=1)
             rc = proc.wait(timeout=480)

@@ -21,6 +21,7 @@ def main(argv):
     """`capsnet submit ARGV`."""
     return cli_main(["submit", *argv])
 
+
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = "configs/cluster/smoke-2node.yaml"
 
@@ -33,11 +34,14 @@ def clean_env(monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
 
 
-@pytest.mark.parametrize("given, expected", [
-    ("http://127.0.0.1:8265", "http://127.0.0.1:8265"),
-    ("127.0.0.1:8265/", "http://127.0.0.1:8265"),
-    ("https://ray.example.org", "https://ray.example.org"),
-])
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("http://127.0.0.1:8265", "http://127.0.0.1:8265"),
+        ("127.0.0.1:8265/", "http://127.0.0.1:8265"),
+        ("https://ray.example.org", "https://ray.example.org"),
+    ],
+)
 def test_resolve_address(given, expected):
     assert resolve_address(given, {}) == expected
 
@@ -69,8 +73,17 @@ def _closed_port() -> int:
 
 
 def test_unreachable_cluster_says_how_to_start_one(capsys):
-    rc = main(["train", "--config", SMOKE, "--address", f"http://127.0.0.1:{_closed_port()}",
-               "--timeout", "2"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            SMOKE,
+            "--address",
+            f"http://127.0.0.1:{_closed_port()}",
+            "--timeout",
+            "2",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "cannot reach a Ray cluster" in err and "make cluster-up" in err
@@ -118,9 +131,17 @@ def test_dry_run_submits_the_working_dir_without_bulk_or_secrets(capsys, monkeyp
     for folder in (".venv", ".git", "runs", "shards", "data"):
         assert folder in runtime_env["excludes"]
     assert "s3cr3t-token" not in " ".join(cmd)
-    entry = cmd[cmd.index("--") + 1:]
-    assert entry == ["python", "-m", "pipeline.cli", "train", "--config", SMOKE,
-                     "--set", "train.epochs=1"]
+    entry = cmd[cmd.index("--") + 1 :]
+    assert entry == [
+        "python",
+        "-m",
+        "pipeline.cli",
+        "train",
+        "--config",
+        SMOKE,
+        "--set",
+        "train.epochs=1",
+    ]
     from pipeline.cli import build_parser
 
     assert build_parser().parse_args(entry[3:]).func  # capsnet's own CLI accepts it
@@ -132,9 +153,9 @@ def test_config_outside_the_working_dir_goes_inline(capsys, tmp_path):
     outside.write_text(source)
     outside.write_text(source + "debug:\n")  # an empty section is the defaults
     cmd = _dry_run(capsys, "--config", str(outside))
-    entry = cmd[cmd.index("--") + 1:]
+    entry = cmd[cmd.index("--") + 1 :]
     assert "--config" not in entry
-    overrides = entry[entry.index("train") + 1:][1::2]
+    overrides = entry[entry.index("train") + 1 :][1::2]
     import yaml
 
     assert apply_overrides({}, overrides) == yaml.safe_load(source)
@@ -146,8 +167,12 @@ def test_relative_paths_are_refused(capsys):
 
 
 def test_config_errors_fail_before_anything_is_sent(capsys):
-    assert main(["train", "--config", SMOKE, "--set", "train.lrr=1",
-                 "--address", "http://127.0.0.1:1"]) == 2
+    assert (
+        main(
+            ["train", "--config", SMOKE, "--set", "train.lrr=1", "--address", "http://127.0.0.1:1"]
+        )
+        == 2
+    )
     assert "train.lrr" in capsys.readouterr().err
 
 
@@ -163,8 +188,13 @@ def test_excludes_cover_what_must_not_be_uploaded():
 def test_help_runs():
     import subprocess
 
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", "--help"], capture_output=True,
-                       text=True, timeout=60, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "submit", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert r.returncode == 0 and "RAY_ADDRESS" in r.stdout
 
 

@@ -96,4 +96,3 @@ def layout() -> dict[str, int]:
 def idx_writer():
     """`write_idx(path, array, gz)` and `write_fake_mnist(folder, gz, **sizes)` for tests."""
     return write_idx, write_fake_mnist
-

@@ -26,13 +26,23 @@ def test_every_shipped_config_validates_and_says_how_to_run(path):
         assert load_tune_config(path).search.space
     else:
         assert load_config(path).run.name
-    assert "Command" in text and "runtime" in text.lower(), f"{path} must state its command and runtime"
+    assert "Command" in text and "runtime" in text.lower(), (
+        f"{path} must state its command and runtime"
+    )
 
 
 def test_overrides_parse_yaml_and_coerce_numbers():
-    cfg = load_config(None, ["train.lr=3e-4", "model.routing.iterations=1", "train.epochs=2",
-                             "model.decoder_hidden=[8, 16]", "run.use_gpu=false",
-                             "model.reconstruction_weight=5e-4"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=3e-4",
+            "model.routing.iterations=1",
+            "train.epochs=2",
+            "model.decoder_hidden=[8, 16]",
+            "run.use_gpu=false",
+            "model.reconstruction_weight=5e-4",
+        ],
+    )
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
     model = cfg.build_model_config((1, 28, 28), 10)
     assert model.routing.iterations == 1 and model.decoder_hidden == (8, 16)
@@ -41,8 +51,16 @@ def test_overrides_parse_yaml_and_coerce_numbers():
 
 
 def test_round_trip_through_dict():
-    cfg = load_config(None, ["train.batch_size=64", "run.num_workers=2", "model.type=cnn",
-                             "model.preset=tiny", "model.fc_hidden=[4, 4]"])
+    cfg = load_config(
+        None,
+        [
+            "train.batch_size=64",
+            "run.num_workers=2",
+            "model.type=cnn",
+            "model.preset=tiny",
+            "model.fc_hidden=[4, 4]",
+        ],
+    )
     again = parse_run_config(cfg.to_dict())
     assert again == cfg
     assert again.to_dict()["model"] == {"type": "cnn", "preset": "tiny", "fc_hidden": [4, 4]}
@@ -78,15 +96,18 @@ def test_data_section_is_the_loader_config():
 # --- defects the untyped hand-offs let in (each failed before the typed config) -------------
 
 
-@pytest.mark.parametrize("override, key", [
-    ("data.augment=flase", "data.augment"),            # a typo used to turn augmentation on
-    ("train.compile=maybe", "train.compile"),
-    ("train.epochs=2.5", "train.epochs"),
-    ("train.batch_size=64.0", "train.batch_size"),
-    ("data.loader_workers=1.5", "data.loader_workers"),
-    ("model.decoder_hidden=512", "model.decoder_hidden"),  # used to be a raw TypeError
-    ("data.shuffle_buffer=0", "data.shuffle_buffer"),  # passed here, failed on every worker
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.augment=flase", "data.augment"),  # a typo used to turn augmentation on
+        ("train.compile=maybe", "train.compile"),
+        ("train.epochs=2.5", "train.epochs"),
+        ("train.batch_size=64.0", "train.batch_size"),
+        ("data.loader_workers=1.5", "data.loader_workers"),
+        ("model.decoder_hidden=512", "model.decoder_hidden"),  # used to be a raw TypeError
+        ("data.shuffle_buffer=0", "data.shuffle_buffer"),  # passed here, failed on every worker
+    ],
+)
 def test_wrong_types_and_loader_values_fail_here_with_the_key_and_value(override, key):
     value = override.split("=", 1)[1]
     with pytest.raises(ConfigError) as err:
@@ -96,11 +117,24 @@ def test_wrong_types_and_loader_values_fail_here_with_the_key_and_value(override
 
 def test_all_errors_are_reported_at_once():
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["data.augment=flase", "train.epochs=2.5", "model.decoder_hidden=512",
-                           "run.num_workers=0", "train.nope=1"])
+        load_config(
+            None,
+            [
+                "data.augment=flase",
+                "train.epochs=2.5",
+                "model.decoder_hidden=512",
+                "run.num_workers=0",
+                "train.nope=1",
+            ],
+        )
     assert err.value.lines and len(err.value.lines) == 5
-    for key in ("data.augment", "train.epochs", "model.decoder_hidden", "run.num_workers",
-                "train.nope"):
+    for key in (
+        "data.augment",
+        "train.epochs",
+        "model.decoder_hidden",
+        "run.num_workers",
+        "train.nope",
+    ):
         assert key in str(err.value)
 
 
@@ -156,11 +190,17 @@ def test_override_syntax_error():
 
 
 def test_set_reaches_dotted_keys_inside_search_space():
-    raw = apply_overrides({"search": {"space": {}}}, [
-        "search.space.train.lr={loguniform: [1e-4, 1e-2]}",
-        "search.space.model.routing.iterations={choice: [1, 3]}"])
-    assert raw["search"]["space"] == {"train.lr": {"loguniform": ["1e-4", "1e-2"]},
-                                      "model.routing.iterations": {"choice": [1, 3]}}
+    raw = apply_overrides(
+        {"search": {"space": {}}},
+        [
+            "search.space.train.lr={loguniform: [1e-4, 1e-2]}",
+            "search.space.model.routing.iterations={choice: [1, 3]}",
+        ],
+    )
+    assert raw["search"]["space"] == {
+        "train.lr": {"loguniform": ["1e-4", "1e-2"]},
+        "model.routing.iterations": {"choice": [1, 3]},
+    }
 
 
 def test_missing_config_file(tmp_path):

@@ -28,8 +28,16 @@ def test_local_run_writes_every_output(tiny_shards, tiny_config, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(r["test_samples"] == 80 for r in rows)  # every test sample, exactly once
     assert rows[0]["steps"] == 320 // 32
-    for key in ("train_margin", "train_reconstruction", "test_accuracy", "lr", "images_per_s",
-                "epoch_time_s", "test_margin", "test_reconstruction"):
+    for key in (
+        "train_margin",
+        "train_reconstruction",
+        "test_accuracy",
+        "lr",
+        "images_per_s",
+        "epoch_time_s",
+        "test_margin",
+        "test_reconstruction",
+    ):
         assert key in rows[-1]
     assert rows[-1]["lr"] < cfg.train.lr  # exponential decay applied per step
     assert (run_dir / "reconstructions.png").stat().st_size > 1000
@@ -38,15 +46,23 @@ def test_local_run_writes_every_output(tiny_shards, tiny_config, tmp_path):
     assert ckpt["next_epoch"] == 2 and ckpt["run_config"]["run"]["name"] == "tiny"
     assert isinstance(model_from_checkpoint(ckpt), CapsNet)
     assert (run_dir / "checkpoints" / "best" / "checkpoint.pt").is_file()
-    assert summary.epochs == 2 and summary.best_test_accuracy == max(r["test_accuracy"] for r in rows)
+    assert summary.epochs == 2 and summary.best_test_accuracy == max(
+        r["test_accuracy"] for r in rows
+    )
     assert "best test accuracy" in summary.line()
 
 
 def test_learns_above_chance(tiny_shards, tiny_config, tmp_path):
     # +-2 px shifts are harsh on 12x12 images, and the tiny net needs a larger W init to leave
     # squash's flat region near zero quickly; both are test-size choices, not defaults
-    cfg = tiny_config(tiny_shards, tmp_path, "train.epochs=10", "train.lr=1e-2",
-                      "data.augment=false", "model.weight_init_std=0.5")
+    cfg = tiny_config(
+        tiny_shards,
+        tmp_path,
+        "train.epochs=10",
+        "train.lr=1e-2",
+        "data.augment=false",
+        "model.weight_init_std=0.5",
+    )
     rows = (train(cfg, local=True), metrics_of(cfg))[1]
     assert rows[-1]["test_accuracy"] > 0.5  # chance is 0.1
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
@@ -57,7 +73,9 @@ def test_same_seed_same_run_and_resume_matches_uninterrupted(tiny_shards, tiny_c
     train(full, local=True)
     again = tiny_config(tiny_shards, tmp_path / "b")
     train(again, local=True)
-    assert [r["train_loss"] for r in metrics_of(full)] == [r["train_loss"] for r in metrics_of(again)]
+    assert [r["train_loss"] for r in metrics_of(full)] == [
+        r["train_loss"] for r in metrics_of(again)
+    ]
     # stop after one epoch, then rerun the same command with the full epoch count
     part = tiny_config(tiny_shards, tmp_path / "c", "train.epochs=1")
     train(part, local=True)
@@ -139,8 +157,10 @@ def test_ddp_two_half_batches_equal_one_full_batch(world):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = 29500 + os.getpid() % 1000 + world
-    procs = [ctx.Process(target=_ddp_step, args=(r, world, port, images, targets, state, q))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_ddp_step, args=(r, world, port, images, targets, state, q))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     result = q.get(timeout=120)
@@ -154,7 +174,9 @@ def test_ddp_two_half_batches_equal_one_full_batch(world):
     model.loss(model(images, targets), images, targets).total.backward()
     opt.step()
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(torch.from_numpy(result[name]), value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            torch.from_numpy(result[name]), value, rtol=1e-5, atol=1e-6, msg=name
+        )
 
 
 def test_checkpoint_staging_folders_are_removed(tiny_shards, tiny_config, tmp_path, monkeypatch):

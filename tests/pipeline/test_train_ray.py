@@ -19,8 +19,13 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
     yield ray
     ray.shutdown()
 
@@ -56,9 +61,15 @@ def test_worker_crash_restarts_from_checkpoint(ray_local, tiny_shards, tiny_conf
     from pipeline.train.trainer import train
 
     marker = tmp_path / "crashed"
-    cfg = tiny_config(tiny_shards, tmp_path, "train.epochs=3", "run.max_failures=1",
-                      "run.name=crash", "debug.crash_once_at_epoch=1",
-                      f"debug.crash_marker={marker}")
+    cfg = tiny_config(
+        tiny_shards,
+        tmp_path,
+        "train.epochs=3",
+        "run.max_failures=1",
+        "run.name=crash",
+        "debug.crash_once_at_epoch=1",
+        f"debug.crash_marker={marker}",
+    )
     summary = train(cfg)
     assert marker.exists(), "the injected crash did not happen"
     epochs = [r["epoch"] for r in metrics_of(cfg)]
@@ -67,13 +78,16 @@ def test_worker_crash_restarts_from_checkpoint(ray_local, tiny_shards, tiny_conf
 
 
 def test_config_error_fails_before_ray_starts(tmp_path):
-    code = ("import sys\n"
-            "from pipeline.cli import main\n"
-            "rc = main(['train', '--set', 'train.lrr=1'])\n"
-            "assert 'ray' not in sys.modules, 'ray was imported'\n"
-            "sys.exit(rc)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120, cwd=tmp_path)
+    code = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        "rc = main(['train', '--set', 'train.lrr=1'])\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+        "sys.exit(rc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert result.returncode != 0
     assert "train.lrr" in result.stderr
     assert "ray was imported" not in result.stderr

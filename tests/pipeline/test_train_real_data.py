@@ -17,20 +17,39 @@ ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
-                       reason="needs Debian's Fashion-MNIST: apt-get install dataset-fashion-mnist"),
+    pytest.mark.skipif(
+        not (FASHION / "train-images-idx3-ubyte.gz").is_file(),
+        reason="needs Debian's Fashion-MNIST: apt-get install dataset-fashion-mnist",
+    ),
 ]
 
 
 def test_capsnet_learns_fashion_mnist(tmp_path):
     shards = tmp_path / "fmnist"
-    write_shards(ShardsConfig(dataset="idx", data_dir=str(FASHION), out=str(shards),
-                              train_samples=3000, test_samples=1000, shard_size=1000))
-    cfg = load_config(ROOT / "configs" / "smoke.yaml", [
-        f"data.shards={shards}", f"run.storage_path={tmp_path}", "run.name=fmnist",
-        "train.epochs=3", "data.loader_workers=0"])
+    write_shards(
+        ShardsConfig(
+            dataset="idx",
+            data_dir=str(FASHION),
+            out=str(shards),
+            train_samples=3000,
+            test_samples=1000,
+            shard_size=1000,
+        )
+    )
+    cfg = load_config(
+        ROOT / "configs" / "smoke.yaml",
+        [
+            f"data.shards={shards}",
+            f"run.storage_path={tmp_path}",
+            "run.name=fmnist",
+            "train.epochs=3",
+            "data.loader_workers=0",
+        ],
+    )
     summary = train(cfg, local=True)
-    rows = [json.loads(line) for line in (run_dir_for(cfg) / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (run_dir_for(cfg) / "metrics.jsonl").read_text().splitlines()
+    ]
     accs = [r["test_accuracy"] for r in rows]
     assert all(r["test_samples"] == 1000 for r in rows)
     assert accs[-1] > 0.5, accs  # chance is 0.1

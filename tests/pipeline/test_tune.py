@@ -26,26 +26,34 @@ def search_config(path: Path, shards, storage, **search) -> Path:
         "model": {"type": "capsnet", **TINY},
         "train": {"epochs": 3, "batch_size": 32, "eval_batch_size": 40, "log_every": 5},
         "run": {"use_gpu": False, "max_failures": 0},
-        "search": {"name": "tiny-search", "storage_path": str(storage), "num_samples": 1,
-                   "space": {"train.lr": {"grid": [0.02, 0.01, 1.0e-7, 1.0e-8]}},
-                   "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-                   "max_concurrent_trials": 1, **search},
+        "search": {
+            "name": "tiny-search",
+            "storage_path": str(storage),
+            "num_samples": 1,
+            "space": {"train.lr": {"grid": [0.02, 0.01, 1.0e-7, 1.0e-8]}},
+            "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+            "max_concurrent_trials": 1,
+            **search,
+        },
     }
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-@pytest.mark.parametrize("space, message", [
-    ({"train.lrr": {"choice": [1]}}, "train.lrr"),
-    ({"model.routing.iterations": {"choice": []}}, "at least 1 item"),
-    ({"train.lr": {"choice": [0.0, 1e-3]}}, "train.lr"),
-    ({"train.lr": {"loguniform": [0, 1e-3]}}, "loguniform.0: Input should be greater than 0"),
-    ({"train.lr": {"uniform": [1e-3, 1e-4]}}, "low must be < high"),
-    ({"train.lr": {"normal": [0, 1]}}, "choice"),
-    ({"optimizer.lr": {"choice": [1e-3]}}, "optimizer"),
-    ({"model.routing.iterations": {"choice": [0, 3]}}, "routing.iterations"),
-    ({"model.routing.name": {"choice": ["dynamic", "nope"]}}, "routing.name"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"train.lrr": {"choice": [1]}}, "train.lrr"),
+        ({"model.routing.iterations": {"choice": []}}, "at least 1 item"),
+        ({"train.lr": {"choice": [0.0, 1e-3]}}, "train.lr"),
+        ({"train.lr": {"loguniform": [0, 1e-3]}}, "loguniform.0: Input should be greater than 0"),
+        ({"train.lr": {"uniform": [1e-3, 1e-4]}}, "low must be < high"),
+        ({"train.lr": {"normal": [0, 1]}}, "choice"),
+        ({"optimizer.lr": {"choice": [1e-3]}}, "optimizer"),
+        ({"model.routing.iterations": {"choice": [0, 3]}}, "routing.iterations"),
+        ({"model.routing.name": {"choice": ["dynamic", "nope"]}}, "routing.name"),
+    ],
+)
 def test_search_space_errors_fail_before_ray(tmp_path, tiny_shards, space, message):
     path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path, space=space)
     with pytest.raises(ConfigError, match=message):
@@ -64,15 +72,19 @@ def test_search_section_errors(tmp_path, tiny_shards):
 
 def test_validation_does_not_import_ray(tmp_path, tiny_shards):
     path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path)
-    code = (f"import sys; from pipeline.tune import load_tune_config; load_tune_config({str(path)!r}); "
-            "assert 'ray' not in sys.modules")
+    code = (
+        f"import sys; from pipeline.tune import load_tune_config; load_tune_config({str(path)!r}); "
+        "assert 'ray' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def _trial_epochs(exp_dir: Path) -> dict[str, list[int]]:
     runs = {}
     for metrics in sorted((exp_dir / "trial_runs").glob("*/metrics.jsonl")):
-        runs[metrics.parent.name] = [json.loads(l)["epoch"] for l in metrics.read_text().splitlines()]
+        runs[metrics.parent.name] = [
+            json.loads(l)["epoch"] for l in metrics.read_text().splitlines()
+        ]
     return runs
 
 
@@ -91,8 +103,10 @@ def test_search_interrupted_then_resumed(tmp_path, tiny_shards):
                 if any(e and e[-1] == 3 for e in _trial_epochs(exp_dir).values()):
                     break
                 time.sleep(1)
-            assert proc.poll() is None, ("search ended before it was interrupted:\n"
-                                         + (tmp_path / "first.log").read_text()[-3000:])
+            assert proc.poll() is None, (
+                "search ended before it was interrupted:\n"
+                + (tmp_path / "first.log").read_text()[-3000:]
+            )
             proc.send_signal(signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
             proc.wait(timeout=120)
         finally:
@@ -113,8 +127,10 @@ def test_search_interrupted_then_resumed(tmp_path, tiny_shards):
     assert any(r["stopped_early"] == "True" for r in rows), rows
     assert float(rows[0]["best_test_accuracy"]) >= max(float(r["best_test_accuracy"]) for r in rows)
     assert (exp_dir / "search.png").stat().st_size > 1000
-    best = load_config(exp_dir / "best-config.yaml", ["train.epochs=1", "run.name=from-best",
-                                                      f"run.storage_path={tmp_path / 'best'}"])
+    best = load_config(
+        exp_dir / "best-config.yaml",
+        ["train.epochs=1", "run.name=from-best", f"run.storage_path={tmp_path / 'best'}"],
+    )
     assert best.train.lr == pytest.approx(float(rows[0]["train.lr"]))
     from pipeline.train.trainer import train
 
@@ -123,7 +139,12 @@ def test_search_interrupted_then_resumed(tmp_path, tiny_shards):
 
 def test_set_reaches_the_search_space(tmp_path, tiny_shards):
     path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path)
-    tc = load_tune_config(path, ["search.space.train.lr={loguniform: [1e-4, 1e-2]}",
-                                 "search.space.model.routing.iterations={choice: [1, 2]}"])
+    tc = load_tune_config(
+        path,
+        [
+            "search.space.train.lr={loguniform: [1e-4, 1e-2]}",
+            "search.space.model.routing.iterations={choice: [1, 2]}",
+        ],
+    )
     assert tc.search.values("train.lr") == [1e-4, 1e-2]  # YAML 1.1 strings became floats
     assert tc.search.values("model.routing.iterations") == [1, 2]
