@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pipeline.data import ShardsConfig, load_dataset_info, make_loader, write_shards
+from pipeline.data import ShardsConfig, load_dataset_info, open_loader, write_shards
 from pipeline.data.augment import random_shift
 from pipeline.data.tario import iter_samples
 
@@ -57,7 +57,7 @@ def in_memory_pass(images_u8: np.ndarray, labels: np.ndarray, batch: int, augmen
 
 
 def loader_pass(shards: str, batch: int, workers: int, augment: bool) -> int:
-    loader = make_loader(shards, "train", batch_size=batch, num_workers=workers, augment=augment)
+    loader = open_loader(shards, "train", batch_size=batch, loader_workers=workers, augment=augment)
     return sum(len(y) for _, y in loader)
 
 

@@ -53,14 +53,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere, without installing the package
     sys.path.insert(0, str(ROOT))
 
-from capscore import CapsNet, CapsNetConfig, ClassCapsules, squash  # noqa: E402
+from capscore import CapsNet, CapsNetConfig, ClassCapsules, RoutingOutput, squash  # noqa: E402
 
 IMPLS = ("capscore", "einsum", "naive")
 MODES = ("fp32", "bf16", "compile")
 RESULT_TAG = "RESULT "
 
 
-# --- the two comparison layers (same interface as ClassCapsules: u_BIP -> (v_BJD, c_BIJ)) ---
+# --- the two comparison layers (same interface as ClassCapsules: u_BIP -> RoutingOutput) ---
 
 
 class EinsumClassCapsules(nn.Module):
@@ -70,11 +70,11 @@ class EinsumClassCapsules(nn.Module):
         super().__init__()
         I, P, _ = ref.weight_IPK.shape
         J, D = ref.num_out, ref.out_dim
-        self.iterations = ref.iterations
+        self.iterations = ref.routing.config.iterations
         weight_IJDP = ref.weight_IPK.detach().view(I, P, J, D).permute(0, 2, 3, 1)
         self.weight_IJDP = nn.Parameter(weight_IJDP.contiguous())
 
-    def forward(self, u_BIP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, u_BIP: torch.Tensor) -> RoutingOutput:
         u_hat_BIJD = torch.einsum("ijdp,bip->bijd", self.weight_IJDP, u_BIP)
         B, I, J, _ = u_hat_BIJD.shape
         b_BIJ = u_hat_BIJD.new_zeros(B, I, J)
@@ -83,7 +83,7 @@ class EinsumClassCapsules(nn.Module):
             v_BJD = squash(torch.einsum("bij,bijd->bjd", c_BIJ, u_hat_BIJD))
             if it < self.iterations - 1:
                 b_BIJ = b_BIJ + torch.einsum("bijd,bjd->bij", u_hat_BIJD, v_BJD)
-        return v_BJD, c_BIJ
+        return RoutingOutput(v_BJD, v_BJD.float().norm(dim=-1), c_BIJ)
 
 
 class NaiveClassCapsules(nn.Module):
@@ -93,11 +93,11 @@ class NaiveClassCapsules(nn.Module):
         super().__init__()
         I, P, _ = ref.weight_IPK.shape
         J, D = ref.num_out, ref.out_dim
-        self.num_out, self.iterations = J, ref.iterations
+        self.num_out, self.iterations = J, ref.routing.config.iterations
         weight_IJDP = ref.weight_IPK.detach().view(I, P, J, D).permute(0, 2, 3, 1)
         self.weight_1IJDP = nn.Parameter(weight_IJDP.unsqueeze(0).contiguous())
 
-    def forward(self, u_BIP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, u_BIP: torch.Tensor) -> RoutingOutput:
         x_BIJP1 = torch.stack([u_BIP] * self.num_out, dim=2).unsqueeze(-1)
         u_hat_BIJD = torch.matmul(self.weight_1IJDP, x_BIJP1).squeeze(-1)
         b_BIJD = torch.zeros_like(u_hat_BIJD)
@@ -106,7 +106,8 @@ class NaiveClassCapsules(nn.Module):
             v_B1JD = squash((c_BIJD * u_hat_BIJD).sum(dim=1, keepdim=True))
             if it < self.iterations - 1:
                 b_BIJD = b_BIJD + (u_hat_BIJD * v_B1JD).sum(dim=-1, keepdim=True)
-        return v_B1JD.squeeze(1), c_BIJD[..., 0]
+        v_BJD = v_B1JD.squeeze(1)
+        return RoutingOutput(v_BJD, v_BJD.float().norm(dim=-1), c_BIJD[..., 0])
 
 
 LAYERS = {"einsum": EinsumClassCapsules, "naive": NaiveClassCapsules}
