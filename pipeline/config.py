@@ -177,6 +177,19 @@ class TrainSection(Section):
     """Cap on steps per epoch for quick runs; 0 = the whole split."""
 
 
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+
+
+def _installed(trackers: list[str]) -> list[str]:
+    import importlib.util
+
+    modules = {"wandb": "wandb", "mlflow": "mlflow"}
+    missing = [t for t in trackers if t in modules and importlib.util.find_spec(modules[t]) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} not installed: pip install -e '.[trackers]'")
+    return list(dict.fromkeys(trackers))
+
+
 def _plain_name(value: str) -> str:
     if not value or "/" in value or "\\" in value or value in (".", ".."):
         raise ValueError("must be a plain name (no slashes, not . or ..)")
@@ -204,7 +217,15 @@ class RunSection(Section):
     """Worker/node failures Ray recovers from by restarting from the last checkpoint (-1 =
     unlimited)."""
     keep_checkpoints: PositiveInt = 2
-    """Checkpoints Ray keeps, best by test accuracy (the latest is kept for resuming too)."""
+    """Checkpoints kept, best by test accuracy (the latest is kept for resuming too)."""
+    checkpoint_every: PositiveInt = 1
+    """Epochs between checkpoints (the last epoch always gets one)."""
+    report_to: Annotated[list[Tracker], AfterValidator(_installed)] = Field(
+        default_factory=lambda: ["tensorboard"]
+    )
+    """Trackers rank 0 reports to: tensorboard, wandb, mlflow (the last two need
+    `pip install -e '.[trackers]'`; W&B reads WANDB_* (WANDB_MODE=offline works), MLflow
+    MLFLOW_TRACKING_URI, default: a file store in the run folder's mlruns/)."""
     resume_from: Str = ""
     """A checkpoint.pt (or its folder) to start from when the run has no checkpoint yet."""
 

@@ -8,8 +8,8 @@ the model's family and config, and the epoch's metrics.
 
 from __future__ import annotations
 
+import json
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,19 @@ class TrainState:
         self.next_epoch = ckpt["next_epoch"]
         self.best_accuracy = ckpt.get("best_accuracy", -1.0)
 
+    def retune(self, train: TrainSection) -> None:
+        """Apply this run config's lr, decay and weight decay to a restored optimizer (a no-op
+        unless a resume was allowed to change them): the schedule continues from its step."""
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = train.lr
+            group["weight_decay"] = train.weight_decay
+        self.scheduler.base_lrs = [train.lr] * len(self.optimizer.param_groups)
+        step = self.scheduler.last_epoch  # the schedule goes on from the restored step
+        for group, factor in zip(
+            self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = train.lr * factor(step)
+
 
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
@@ -114,8 +127,80 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
-def copy_checkpoint(src: Path, dst_folder: Path) -> None:
-    dst_folder.mkdir(parents=True, exist_ok=True)
-    tmp = dst_folder / (CHECKPOINT_FILE + ".tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst_folder / CHECKPOINT_FILE)
+# --- the run's kept checkpoints ---------------------------------------------------------------
+
+INDEX_FILE = "checkpoints.json"
+
+
+def checkpoint_name(epoch: int) -> str:
+    """The folder of the checkpoint taken after `epoch` epochs (1-based), in the run folder."""
+    return f"checkpoint_epoch-{epoch:04d}"
+
+
+@dataclass
+class CheckpointIndex:
+    """`<run>/checkpoints.json`: which checkpoint folders the run keeps, and which is best/last.
+
+    One copy per kept checkpoint: `best` and `last` are names in this file, not copies. The
+    rule is Ray Train's own (CheckpointConfig num_to_keep by test accuracy, the latest always
+    kept), so in Ray runs this index names exactly the folders Ray keeps; local runs delete
+    what it drops themselves.
+    """
+
+    entries: dict[str, dict[str, float]]
+    """name -> {"epoch": epochs done, "test_accuracy": ...}"""
+    last: str | None = None
+
+    @property
+    def best(self) -> str | None:
+        if not self.entries:
+            return None
+        return max(
+            self.entries, key=lambda n: (self.entries[n]["test_accuracy"], self.entries[n]["epoch"])
+        )
+
+    def add(self, name: str, epoch: int, test_accuracy: float, keep: int) -> list[str]:
+        """Record a new checkpoint; returns the names that the keep rule drops."""
+        self.entries[name] = {"epoch": epoch, "test_accuracy": test_accuracy}
+        self.last = name
+        ranked = sorted(self.entries, key=lambda n: self.entries[n]["test_accuracy"], reverse=True)
+        kept = set(ranked[:keep]) | {name}
+        dropped = [n for n in self.entries if n not in kept]
+        for n in dropped:
+            del self.entries[n]
+        return dropped
+
+    @classmethod
+    def load(cls, run_dir: Path) -> CheckpointIndex:
+        path = Path(run_dir) / INDEX_FILE
+        if not path.is_file():
+            return cls(entries={})
+        data = json.loads(path.read_text())
+        return cls(entries=data.get("checkpoints", {}), last=data.get("last"))
+
+    def save(self, run_dir: Path) -> None:
+        data = {"best": self.best, "last": self.last, "checkpoints": self.entries}
+        tmp = Path(run_dir) / (INDEX_FILE + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(Path(run_dir) / INDEX_FILE)
+
+
+def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """A checkpoint.pt from a file, a checkpoint folder, or a run folder (its `which` one:
+    best or last); `RUN/best` and `RUN/last` work too."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if (path / CHECKPOINT_FILE).is_file():
+        return path / CHECKPOINT_FILE
+    if path.name in ("best", "last") and (path.parent / INDEX_FILE).is_file():
+        path, which = path.parent, path.name
+    if (path / INDEX_FILE).is_file():
+        name = getattr(CheckpointIndex.load(path), which)
+        if name and (path / name / CHECKPOINT_FILE).is_file():
+            return path / name / CHECKPOINT_FILE
+        raise FileNotFoundError(f"{path / INDEX_FILE} names no {which} checkpoint that exists")
+    raise FileNotFoundError(
+        f"no checkpoint at {path}: give a checkpoint.pt, its folder, or a run folder "
+        f"(with {INDEX_FILE}; RUN/best or RUN/last pick one)"
+    )

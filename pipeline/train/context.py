@@ -9,6 +9,7 @@ Ray cannot be installed.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class WorkerContext:
+    persists_checkpoints: bool = False
+    """True when the runtime copies reported checkpoints to storage itself (Ray)."""
     world_rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -35,34 +38,48 @@ class WorkerContext:
         return model.to(self.device)
 
     def latest_checkpoint(self) -> Path | None:
-        """The checkpoint.pt to resume from, if the run has one."""
+        """The checkpoint.pt the runtime says to resume from, if any."""
         raise NotImplementedError
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        """Publish one epoch's metrics (all ranks call this; rank 0 passes the checkpoint).
-
-        `checkpoint_dir` is a staging folder the caller deletes once this returns."""
+    def checkpoint_folder(self, name: str) -> Path:
+        """Where rank 0 writes the checkpoint `name` before reporting it."""
         raise NotImplementedError
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        """Publish one epoch's metrics (all ranks call this; rank 0 passes the checkpoint
+        folder it wrote, named as `checkpoint_folder` said)."""
+        raise NotImplementedError
+
+    def delete_checkpoint(self, name: str) -> None:
+        """Drop a checkpoint the keep rule no longer keeps (Ray does this itself)."""
 
 
 class LocalContext(WorkerContext):
-    """One process, rank 0 of 1; checkpoints live in <run_dir>/checkpoints/."""
+    """One process, rank 0 of 1; checkpoints are written in place in the run folder (the same
+    layout as Ray's: <run_dir>/checkpoint_epoch-NNNN/checkpoint.pt)."""
 
     interactive = True
 
     def __init__(self, run_dir: Path):
-        self.ckpt_dir = Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
 
     def latest_checkpoint(self) -> Path | None:
-        last = self.ckpt_dir / "last" / CHECKPOINT_FILE
-        return last if last.is_file() else None
+        return None  # the loop finds the newest checkpoint in the run folder itself
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        pass  # metrics.jsonl, TensorBoard and best/last copies are written by the loop itself
+    def checkpoint_folder(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        pass  # metrics.jsonl and TensorBoard are written by the loop; the checkpoint is in place
+
+    def delete_checkpoint(self, name: str) -> None:
+        shutil.rmtree(self.run_dir / name, ignore_errors=True)
 
 
 class RayContext(WorkerContext):
     """A Ray Train V2 worker."""
+
+    persists_checkpoints = True
 
     def __init__(self) -> None:
         import ray.train
@@ -96,11 +113,25 @@ class RayContext(WorkerContext):
         checkpoint.to_directory(str(local))
         return local / CHECKPOINT_FILE
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        checkpoint = None
-        if checkpoint_dir is not None:
-            checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir))
-        self._train.report(metrics, checkpoint=checkpoint)  # uploads synchronously
+    def checkpoint_folder(self, name: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix="capsnet-ckpt-")) / name
+
+    def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+        if checkpoint is None:
+            self._train.report(metrics)
+            return
+        # Ray copies the folder to storage_path/name/<its name> (synchronously) and deletes the
+        # local one: the persisted folder is the only copy.
+        self._train.report(
+            metrics,
+            checkpoint=self._train.Checkpoint.from_directory(str(checkpoint)),
+            checkpoint_dir_name=checkpoint.name,
+            delete_local_checkpoint_after_upload=True,
+        )
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)  # the mkdtemp parent
+
+    def delete_checkpoint(self, name: str) -> None:
+        pass  # CheckpointConfig(num_to_keep) applies the same rule to Ray's copies
 
 
 def in_ray_worker() -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,9 +24,16 @@ from pipeline.data import DatasetInfo, ShardLoader, load_dataset_info, make_load
 from pipeline.evaluate import EvalResult, evaluate
 from pipeline.figures import save_reconstructions
 from pipeline.torch_utils import autocast_for, unwrap
-from pipeline.train.checkpoint import TrainState, copy_checkpoint, load_checkpoint
+from pipeline.train.checkpoint import (
+    CheckpointIndex,
+    TrainState,
+    checkpoint_name,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from pipeline.train.context import RayContext, WorkerContext, limit_threads_to_env
 from pipeline.train.outputs import RunLog
+from pipeline.train.storage import RAY_ENTRIES, RunStorage
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,6 +108,10 @@ def train_loop(config: dict[str, Any], context: WorkerContext | None = None) -> 
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
 
+    storage = _storage(cfg, run_dir, ctx) if rank0 else None
+    if storage is not None:
+        storage.check()
+        storage.pull()  # metrics, config, index, figures (and local runs' checkpoints)
     info = load_dataset_info(cfg.data.shards)
     model = build_model(cfg.build_model_config(tuple(info.image_shape), info.num_classes))
     device = ctx.device
@@ -109,6 +119,7 @@ def train_loop(config: dict[str, Any], context: WorkerContext | None = None) -> 
     ckpt_path, ckpt = _newest_checkpoint(ctx, run_dir, cfg)
     if ckpt is not None:
         state.restore(ckpt)
+        state.retune(cfg.train)
         if rank0:
             print(
                 f"[capsnet] resuming {cfg.run.name} at epoch {state.next_epoch} from {ckpt_path}",
@@ -117,48 +128,96 @@ def train_loop(config: dict[str, Any], context: WorkerContext | None = None) -> 
     state.model = ctx.prepare_model(state.model)  # moves to the device; DDP when world_size > 1
     if cfg.train.compile:
         state.model = torch.compile(state.model)
-    log = RunLog(run_dir, enabled=rank0)
+    log = RunLog(
+        run_dir, enabled=rank0, report_to=cfg.run.report_to, name=cfg.run.name, config=cfg.to_dict()
+    )
+    if ckpt is not None and ckpt_path != resume_from_path(cfg):
+        log.resume(state.next_epoch, ckpt["metrics"])  # this run's own (not --resume-from)
     if state.next_epoch >= cfg.train.epochs:  # a finished run: report its last metrics only
         ctx.report(dict(ckpt["metrics"], already_finished=True), None)
         return
 
-    for epoch in range(state.next_epoch, cfg.train.epochs):
-        _maybe_crash(cfg, epoch, rank0)
-        stats = _train_epoch(state, cfg, info, epoch, ctx, first=epoch == state.next_epoch)
-        result = evaluate(
-            state.model,
-            _eval_loader(cfg, info, ctx),
-            device,
-            autocast_for(cfg.train.precision, device),
-            ctx.distributed,
-        )
-        state.best_accuracy = max(state.best_accuracy, result.accuracy)
-        state.next_epoch = epoch + 1
-        metrics = metrics_row(
-            epoch,
-            stats,
-            result,
-            best_accuracy=state.best_accuracy,
-            lr=state.scheduler.get_last_lr()[0],
-            world_size=ctx.world_size,
-            per_rank=_per_rank(stats, device, ctx),
-        )
-        ckpt_dir = None
-        if rank0:
-            log.epoch(metrics)
-            ckpt_dir = _save(
-                state, cfg, run_dir, metrics, is_best=result.accuracy >= state.best_accuracy
-            )
-            _figures(unwrap(state.model), cfg, info, device, run_dir)
-            print(
-                f"[capsnet] epoch {epoch + 1}/{cfg.train.epochs} test acc {result.accuracy:.4f} "
-                f"loss {stats.loss:.4f} {metrics['images_per_s']:.0f} img/s",
-                flush=True,
-            )
-        ctx.report(metrics, ckpt_dir)
-        if ckpt_dir is not None:  # reported (Ray has uploaded it) and copied to best/last
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    start = state.next_epoch
+    try:
+        for epoch in range(start, cfg.train.epochs):
+            _run_epoch(state, cfg, info, epoch, ctx, log, storage, run_dir, first=epoch == start)
+    except BaseException:
+        log.close()
+        if storage is not None:
+            storage.push()  # best effort: what the run has so far (a warning if it fails)
+        raise
     log.close()
+    if storage is not None:
+        storage.push(strict=True)  # the run's artifacts must reach storage_path
+
+
+def _run_epoch(
+    state: TrainState,
+    cfg: RunConfig,
+    info: DatasetInfo,
+    epoch: int,
+    ctx: WorkerContext,
+    log: RunLog,
+    storage: RunStorage | None,
+    run_dir: Path,
+    first: bool,
+) -> None:
+    """Train, evaluate, checkpoint (rank 0, when due), report, log and push one epoch."""
+    rank0, device = ctx.world_rank == 0, ctx.device
+    _maybe_crash(cfg, epoch, rank0)
+    stats = _train_epoch(state, cfg, info, epoch, ctx, first=first, log=log)
+    result = evaluate(
+        state.model,
+        _eval_loader(cfg, info, ctx),
+        device,
+        autocast_for(cfg.train.precision, device),
+        ctx.distributed,
+    )
+    state.best_accuracy = max(state.best_accuracy, result.accuracy)
+    state.next_epoch = epoch + 1
+    metrics = metrics_row(
+        epoch,
+        stats,
+        result,
+        best_accuracy=state.best_accuracy,
+        lr=state.scheduler.get_last_lr()[0],
+        world_size=ctx.world_size,
+        per_rank=_per_rank(stats, device, ctx),
+    )
+    folder = None
+    if rank0:
+        if _checkpoint_due(cfg, epoch):
+            folder = ctx.checkpoint_folder(checkpoint_name(epoch + 1))
+            state.save(folder, run_config=cfg.to_dict(), metrics=metrics)
+        _figures(unwrap(state.model), cfg, info, device, run_dir)
+        log.image("reconstructions", run_dir / "reconstructions.png", epoch + 1)
+        print(
+            f"[capsnet] epoch {epoch + 1}/{cfg.train.epochs} test acc {result.accuracy:.4f} "
+            f"loss {stats.loss:.4f} {metrics['images_per_s']:.0f} img/s",
+            flush=True,
+        )
+    ctx.report(metrics, folder)
+    log.epoch(metrics)  # after the checkpoint is safe: a kill never leaves a row without one
+    if folder is not None:  # persisted: now the index may name it
+        index = CheckpointIndex.load(run_dir)
+        for dropped in index.add(
+            folder.name, epoch + 1, result.accuracy, keep=cfg.run.keep_checkpoints
+        ):
+            ctx.delete_checkpoint(dropped)
+            if storage is not None and not ctx.persists_checkpoints:
+                storage.remove(dropped)
+        index.save(run_dir)
+    if storage is not None:
+        storage.push()  # every epoch; a failure is a warning, retried at the next push
+
+
+def _storage(cfg: RunConfig, run_dir: Path, ctx: WorkerContext) -> RunStorage | None:
+    """Rank 0's mirror of the run folder on s3:// / gs:// storage (None for local storage)."""
+    if not is_remote(cfg.run.storage_path):
+        return None
+    # Ray uploads its checkpoints itself; a local run's checkpoints are pushed like any file.
+    ignore = RAY_ENTRIES if ctx.persists_checkpoints else RAY_ENTRIES[1:]
+    return RunStorage(cfg.run.storage_path, cfg.run.name, run_dir, ignore=ignore)
 
 
 def _train_loader(
@@ -198,6 +257,7 @@ def _train_epoch(
     epoch: int,
     ctx: WorkerContext,
     first: bool,
+    log: RunLog,
 ) -> EpochStats:
     """One pass over this rank's batches. Loss parts are accumulated on the device and checked
     for NaN/inf every `log_every` steps, so there is no host sync per step."""
@@ -244,8 +304,23 @@ def _train_epoch(
             _check_finite(block, names, step0 + step + 1 - len(pending))
             sums = block.sum(0) if sums is None else sums + block.sum(0)
             pending.clear()
+            mean_loss = float(sums[0]) / (step + 1)
             if bar is not None:
-                bar.set_postfix(loss=f"{float(sums[0]) / (step + 1):.4f}")
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+            elif ctx.world_rank == 0:  # under Ray: a line per log_every steps, from rank 0
+                _progress_line(
+                    cfg,
+                    epoch,
+                    step + 1,
+                    n_batches,
+                    mean_loss,
+                    samples * ctx.world_size,
+                    time.perf_counter() - t0,
+                )
+            log.step(
+                step0 + step + 1,
+                {"loss": float(block[-1, 0]), "lr": state.scheduler.get_last_lr()[0]},
+            )
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -295,6 +370,23 @@ def _check_finite(block: torch.Tensor, names: list[str], first_step: int) -> Non
         )
 
 
+def _progress_line(
+    cfg: RunConfig, epoch: int, step: int, n_batches: int, loss: float, images: int, seconds: float
+) -> None:
+    """`[capsnet] epoch 2/10 step 50/468 loss 0.1234 812 img/s ETA 1h02m`: this epoch's rate
+    applied to the steps left in it and in the epochs after it (evaluation not counted)."""
+    per_step = seconds / max(step, 1)
+    left = (n_batches - step) + (cfg.train.epochs - epoch - 1) * n_batches
+    eta = int(per_step * left)
+    hours, rest = divmod(eta, 3600)
+    eta_text = f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+    print(
+        f"[capsnet] epoch {epoch + 1}/{cfg.train.epochs} step {step}/{n_batches} "
+        f"loss {loss:.4f} {images / max(seconds, 1e-9):.0f} img/s ETA {eta_text}",
+        flush=True,
+    )
+
+
 def _progress(total: int, epoch: int, cfg: RunConfig, ctx: WorkerContext):
     if not (ctx.interactive and ctx.world_rank == 0):
         return None
@@ -305,16 +397,10 @@ def _progress(total: int, epoch: int, cfg: RunConfig, ctx: WorkerContext):
     )
 
 
-def _save(
-    state: TrainState, cfg: RunConfig, run_dir: Path, metrics: dict[str, Any], is_best: bool
-) -> Path:
-    """Rank 0: checkpoint for Ray (a temp folder it uploads) + best/last copies in the run dir."""
-    staging = Path(tempfile.mkdtemp(prefix=f"capsnet-ckpt-e{state.next_epoch}-"))
-    path = state.save(staging, run_config=cfg.to_dict(), metrics=metrics)
-    copy_checkpoint(path, run_dir / "checkpoints" / "last")
-    if is_best:
-        copy_checkpoint(path, run_dir / "checkpoints" / "best")
-    return staging
+def _checkpoint_due(cfg: RunConfig, epoch: int) -> bool:
+    """Every run.checkpoint_every epochs, and after the last one."""
+    done = epoch + 1
+    return done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs
 
 
 @torch.no_grad()
@@ -347,20 +433,35 @@ def _figures(model, cfg: RunConfig, info: DatasetInfo, device, run_dir: Path) ->
 def _newest_checkpoint(ctx: WorkerContext, run_dir: Path, cfg: RunConfig):
     """(path, checkpoint) to resume from, or (None, None) for a fresh run.
 
-    Ray's latest registered checkpoint, or the run folder's `last` copy if that is newer (a
-    worker that dies right after reporting can leave Ray without the newest one); only when
-    the run has neither, `run.resume_from`.
+    The newest that loads of: Ray's latest registered checkpoint and the run folder's own
+    checkpoint folders (a worker that dies right after reporting can leave Ray without the
+    newest one; a truncated file is skipped with a warning naming it). Only when the run has
+    none, `run.resume_from`.
     """
-    found = []
-    for path in (ctx.latest_checkpoint(), run_dir / "checkpoints" / "last" / "checkpoint.pt"):
-        if path is not None and path.is_file() and all(path != p for p, _ in found):
-            found.append((path, load_checkpoint(path)))
+    candidates = [ctx.latest_checkpoint(), *sorted(run_dir.glob("checkpoint_*/checkpoint.pt"))]
+    found: dict[Path, dict[str, Any]] = {}
+    for path in candidates:
+        if path is None or path in found or not path.is_file():
+            continue
+        try:
+            found[path] = load_checkpoint(path)
+        except Exception as err:  # truncated, empty or not a checkpoint: use an older one
+            print(
+                f"[capsnet] warning: skipping checkpoint {path}: cannot load it "
+                f"({type(err).__name__}: {err})",
+                flush=True,
+            )
     if found:
-        return max(found, key=lambda pc: pc[1]["next_epoch"])
-    if cfg.run.resume_from:
-        path = Path(cfg.run.resume_from).expanduser()
+        return max(found.items(), key=lambda pc: pc[1]["next_epoch"])
+    path = resume_from_path(cfg)
+    if path is not None:
         return path, load_checkpoint(path)
     return None, None
+
+
+def resume_from_path(cfg: RunConfig) -> Path | None:
+    """The checkpoint.pt that run.resume_from names, if set."""
+    return resolve_checkpoint(cfg.run.resume_from) if cfg.run.resume_from else None
 
 
 def _maybe_crash(cfg: RunConfig, epoch: int, rank0: bool) -> None:

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from capscore import CapsNet, CapsNetConfig
-from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint
+from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from pipeline.train.loop import NonFiniteLossError, run_dir_for
 from pipeline.train.trainer import train
 
@@ -42,10 +42,14 @@ def test_local_run_writes_every_output(tiny_shards, tiny_config, tmp_path):
     assert rows[-1]["lr"] < cfg.train.lr  # exponential decay applied per step
     assert (run_dir / "reconstructions.png").stat().st_size > 1000
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "last")  # weights_only=True inside
+    ckpt = load_checkpoint(resolve_checkpoint(run_dir, "last"))  # weights_only=True inside
     assert ckpt["next_epoch"] == 2 and ckpt["run_config"]["run"]["name"] == "tiny"
     assert isinstance(model_from_checkpoint(ckpt), CapsNet)
-    assert (run_dir / "checkpoints" / "best" / "checkpoint.pt").is_file()
+    assert resolve_checkpoint(run_dir / "best").is_file()
+    # one copy per kept checkpoint: best and last are names in checkpoints.json, not copies
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == [
+        "checkpoint_epoch-0001", "checkpoint_epoch-0002"]
+    assert not (run_dir / "checkpoints").exists()
     assert summary.epochs == 2 and summary.best_test_accuracy == max(
         r["test_accuracy"] for r in rows
     )
@@ -82,8 +86,8 @@ def test_same_seed_same_run_and_resume_matches_uninterrupted(tiny_shards, tiny_c
     resumed = tiny_config(tiny_shards, tmp_path / "c")
     train(resumed, local=True)
     assert [r["epoch"] for r in metrics_of(resumed)] == [1, 2]
-    w_full = load_checkpoint(run_dir_for(full) / "checkpoints" / "last")["model"]
-    w_resumed = load_checkpoint(run_dir_for(resumed) / "checkpoints" / "last")["model"]
+    w_full = load_checkpoint(resolve_checkpoint(run_dir_for(full), "last"))["model"]
+    w_resumed = load_checkpoint(resolve_checkpoint(run_dir_for(resumed), "last"))["model"]
     for name in w_full:
         torch.testing.assert_close(w_resumed[name], w_full[name], msg=name)
 
@@ -100,7 +104,7 @@ def test_finished_run_is_not_retrained(tiny_shards, tiny_config, tmp_path):
 def test_resume_from_path(tiny_shards, tiny_config, tmp_path):
     first = tiny_config(tiny_shards, tmp_path / "a", "train.epochs=1")
     train(first, local=True)
-    ckpt = run_dir_for(first) / "checkpoints" / "last" / "checkpoint.pt"
+    ckpt = resolve_checkpoint(run_dir_for(first), "last")
     second = tiny_config(tiny_shards, tmp_path / "b", f"run.resume_from={ckpt}")
     train(second, local=True)
     assert [r["epoch"] for r in metrics_of(second)] == [2]
@@ -201,3 +205,94 @@ def test_skipped_samples_are_reported(tiny_shards, tiny_config, tmp_path):
     train(cfg, local=True)
     row = metrics_of(cfg)[0]
     assert row["skipped_samples"] > 0
+
+
+# --- resume rules ------------------------------------------------------------------------------
+
+
+def test_rerun_with_changed_hyperparameters_is_refused_with_the_diff(tiny_shards, tiny_config,
+                                                                     tmp_path):
+    """It used to resume silently with the old optimizer state and relabel the weights."""
+    from pipeline.config import ConfigError
+
+    train(tiny_config(tiny_shards, tmp_path, "train.epochs=1"), local=True)
+    changed = tiny_config(tiny_shards, tmp_path, "train.lr=1e-5", "model.routing.iterations=1")
+    with pytest.raises(ConfigError) as err:
+        train(changed, local=True)
+    text = str(err.value)
+    assert "train.lr: 0.001 -> 1e-05" in text and "model.routing.iterations" in text
+    assert "--new-run" in text and "--allow-config-change" in text
+    assert [r["epoch"] for r in metrics_of(changed)] == [1]  # nothing trained
+
+
+def test_allowed_config_change_resumes_with_the_new_lr(tiny_shards, tiny_config, tmp_path):
+    train(tiny_config(tiny_shards, tmp_path, "train.epochs=1"), local=True)
+    changed = tiny_config(tiny_shards, tmp_path, "train.lr=1e-5")
+    train(changed, local=True, allow_config_change=True)
+    rows = metrics_of(changed)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["lr"] < 1e-5  # the new lr, decayed from where the schedule was
+    import yaml
+
+    saved = yaml.safe_load((run_dir_for(changed) / "config.yaml").read_text())
+    assert saved["train"]["lr"] == pytest.approx(1e-5)  # the run's config now says so
+
+
+def test_safe_keys_resume_without_asking(tiny_shards, tiny_config, tmp_path):
+    train(tiny_config(tiny_shards, tmp_path, "train.epochs=1"), local=True)
+    longer = tiny_config(tiny_shards, tmp_path, "train.epochs=2", "train.log_every=1",
+                         "run.max_failures=5")
+    train(longer, local=True)
+    assert [r["epoch"] for r in metrics_of(longer)] == [1, 2]
+
+
+def test_resume_from_on_a_run_with_checkpoints_is_an_error(tiny_shards, tiny_config, tmp_path):
+    from pipeline.config import ConfigError
+
+    first = tiny_config(tiny_shards, tmp_path / "a", "train.epochs=1")
+    train(first, local=True)
+    other = resolve_checkpoint(run_dir_for(first), "last")
+    train(tiny_config(tiny_shards, tmp_path / "b", "train.epochs=1"), local=True)
+    again = tiny_config(tiny_shards, tmp_path / "b", f"run.resume_from={other}")
+    with pytest.raises(ConfigError, match="already has checkpoints.*--resume-from"):
+        train(again, local=True)
+
+
+def test_finished_run_says_how_to_extend_it(tiny_shards, tiny_config, tmp_path, capsys):
+    cfg = tiny_config(tiny_shards, tmp_path, "train.epochs=1")
+    train(cfg, local=True)
+    capsys.readouterr()
+    train(cfg, local=True)
+    out = capsys.readouterr().out
+    assert "already finished" in out and "train.epochs=N" in out
+
+
+def test_kept_checkpoints_follow_the_keep_rule(tiny_shards, tiny_config, tmp_path):
+    """One copy per kept checkpoint: the best by accuracy plus the latest, every k epochs."""
+    from pipeline.train.checkpoint import CheckpointIndex
+
+    cfg = tiny_config(tiny_shards, tmp_path, "train.epochs=5", "run.keep_checkpoints=1",
+                      "run.checkpoint_every=2")
+    train(cfg, local=True)
+    run_dir = run_dir_for(cfg)
+    index = CheckpointIndex.load(run_dir)
+    rows = {r["epoch"]: r["test_accuracy"] for r in metrics_of(cfg)}
+    saved = [2, 4, 5]  # every 2 epochs, and the last
+    best = max(saved, key=lambda e: (rows[e], e))
+    on_disk = sorted(p.name for p in run_dir.glob("checkpoint_*"))
+    assert on_disk == sorted(set(index.entries)) and index.last == "checkpoint_epoch-0005"
+    assert index.best == f"checkpoint_epoch-{best:04d}"
+    assert len(on_disk) == len({best, 5})
+
+
+def test_truncated_newest_checkpoint_falls_back_to_an_older_one(tiny_shards, tiny_config,
+                                                                tmp_path, capsys):
+    cfg = tiny_config(tiny_shards, tmp_path, "train.epochs=2", "run.keep_checkpoints=2")
+    train(cfg, local=True)
+    newest = run_dir_for(cfg) / "checkpoint_epoch-0002" / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    longer = tiny_config(tiny_shards, tmp_path, "train.epochs=3", "run.keep_checkpoints=2")
+    train(longer, local=True)
+    out = capsys.readouterr().out
+    assert "skipping checkpoint" in out and "checkpoint_epoch-0002" in out
+    assert [r["epoch"] for r in metrics_of(longer)] == [1, 2, 3]  # epoch 2 trained again

@@ -1,0 +1,124 @@
+"""What a person sees while a Ray run goes on: capsnet's own lines; the rest goes to log.txt.
+
+A Ray driver's terminal gets Ray's internal chatter as well as the run's progress (in one
+measured run 367 of 389 lines were `Failed to query Ray Train Controller actor state`), from
+Python loggers, forwarded worker output and C++ code writing straight to file descriptors 1
+and 2. So `DriverConsole` redirects the descriptors themselves into a pipe: every line goes to
+the run's `log.txt`, and only capsnet's own lines (`[capsnet] ...`, with Ray's
+`(RayTrainWorker pid=...)` prefix removed) and error lines reach the terminal, unless verbose.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+
+_RAY_PREFIX = re.compile(r"^(\x1b\[[0-9;]*m)*\((\w+) pid=\d+(, ip=[^)]*)?\)(\x1b\[[0-9;]*m)*\s?")
+_END = b"\x00capsnet-console-end\x00"
+_SHOWN = re.compile(r"\[capsnet\]|\[smoke\]|^(\w+\.)*\w*(Error|Exception|Interrupt)\b:")
+
+
+def visible(line: str) -> str | None:
+    """The line as the terminal should show it, or None to keep it in log.txt only."""
+    text = _RAY_PREFIX.sub("", line)
+    return text if _SHOWN.search(text) else None
+
+
+class DriverConsole:
+    """Context manager: fds 1 and 2 -> log.txt (all) + the terminal (capsnet's lines only,
+    everything with verbose=True). Lines shown twice in a row (Ray can forward a worker's
+    line twice) are shown once."""
+
+    def __init__(self, log_path: Path, *, verbose: bool = False):
+        self.log_path, self.verbose = Path(log_path), verbose
+        self._saved: list[int] = []
+        self._thread: threading.Thread | None = None
+        self._open = False
+        self._drained = threading.Event()
+
+    def __enter__(self) -> DriverConsole:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._saved = [os.dup(1), os.dup(2)]
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 1)
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self._open = True
+        self._thread = threading.Thread(target=self._pump, args=(read_end,), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.write(1, _END + b"\n")  # everything before it is shown before we return
+        self._drained.wait(timeout=5.0)
+        os.dup2(self._saved[0], 1)
+        os.dup2(self._saved[1], 2)
+        # Processes Ray started may still hold the pipe: the pump keeps writing log.txt, and
+        # echoes nothing more once the terminal is ours again.
+
+    def _pump(self, read_end: int) -> None:
+        terminal = self._saved[0]
+        last_shown = None
+        with open(read_end, "rb", buffering=0) as pipe, open(self.log_path, "ab") as log:
+            pending = b""
+            while chunk := pipe.read(65536):
+                log.write(chunk.replace(_END + b"\n", b""))
+                log.flush()
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    if raw == _END:
+                        self._open = False
+                        self._drained.set()
+                        continue
+                    line = raw.decode("utf-8", "replace")
+                    shown = line if self.verbose else visible(line)
+                    if shown is None or shown == last_shown or not self._open:
+                        continue
+                    last_shown = shown
+                    try:
+                        os.write(terminal, (shown + "\n").encode())
+                    except OSError:
+                        return
+
+
+class _Tee:
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+class LocalConsole:
+    """`--local` runs: what the run prints goes to the terminal as usual and to log.txt too
+    (the progress bar, on stderr, stays on the terminal only)."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = Path(log_path)
+
+    def __enter__(self) -> LocalConsole:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "a")
+        self._stdout = sys.stdout
+        sys.stdout = _Tee(sys.stdout, self._log)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout = self._stdout
+        self._log.close()

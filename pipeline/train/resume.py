@@ -1,0 +1,120 @@
+"""Whether a rerun resumes, starts fresh, or refuses: decided on the driver, before Ray starts.
+
+A rerun of the same command resumes only if its effective config equals the one the run's
+checkpoints were trained with, except for keys that are safe to change (SAFE_TO_CHANGE).
+Anything else is refused with the diff and the ways out: `--new-run` (a new run name), a new
+`run.name`, or `--allow-config-change`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.train.checkpoint import CheckpointIndex
+
+CONFIG_FILE = "config.yaml"
+
+SAFE_TO_CHANGE = (
+    "train.epochs",  # extend (or shorten) a run
+    "train.log_every",
+    "run.max_failures",
+    "run.keep_checkpoints",
+    "run.checkpoint_every",
+    "run.report_to",
+    "run.resume_from",
+    "run.storage_path",  # the run folder was moved or synced
+    "run.cpus_per_worker",
+    "run.use_gpu",
+    "data.loader_workers",
+    "data.prefetch_factor",
+    "data.pin_memory",
+    "data.verify_checksums",
+    "data.on_error",
+    "debug.*",
+)
+"""Dotted keys (fnmatch patterns) a resumed run may change: logging, fault tolerance and
+resources, not what is learned or from what."""
+
+
+@dataclass
+class ResumePlan:
+    state: Literal["fresh", "resume", "finished"]
+    epochs_done: int = 0
+    run_config: dict[str, Any] = field(default_factory=dict)
+    """The config the run's checkpoints were trained with (empty for a fresh run)."""
+    diff: list[tuple[str, Any, Any]] = field(default_factory=list)
+    """(key, checkpoint's value, this command's value) for every key that may not change."""
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Keys whose values differ between two run configs (as to_dict()), safe keys left out."""
+    a, b = flatten(old), flatten(new)
+    keys = sorted(set(a) | set(b))
+    missing = "(unset)"
+    return [
+        (k, a.get(k, missing), b.get(k, missing))
+        for k in keys
+        if a.get(k, missing) != b.get(k, missing)
+        and not any(fnmatch.fnmatchcase(k, pattern) for pattern in SAFE_TO_CHANGE)
+    ]
+
+
+def plan_resume(cfg: RunConfig, run_dir: Path) -> ResumePlan:
+    """What rerunning `cfg` in `run_dir` would do (reads config.yaml and checkpoints.json)."""
+    index = CheckpointIndex.load(run_dir)
+    if not index.entries:
+        return ResumePlan("fresh")
+    done = max(int(e["epoch"]) for e in index.entries.values())
+    config_path = run_dir / CONFIG_FILE
+    old = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    diff = config_diff(old, cfg.to_dict()) if old else []
+    state = "finished" if done >= cfg.train.epochs else "resume"
+    return ResumePlan(state, epochs_done=done, run_config=old, diff=diff)
+
+
+def check_resume(plan: ResumePlan, cfg: RunConfig, *, allow_config_change: bool) -> None:
+    """Refuse what would silently mix two configs in one run (ConfigError, exit status 2)."""
+    name = cfg.run.name
+    if plan.state != "fresh" and cfg.run.resume_from:
+        raise ConfigError(
+            f"run {name!r} already has checkpoints ({plan.epochs_done} epochs done), so "
+            f"--resume-from {cfg.run.resume_from} would be ignored: rerun without it to resume "
+            f"the run, or start a new run from that checkpoint with --new-run (or a new run.name)"
+        )
+    if plan.state == "fresh" or not plan.diff or allow_config_change:
+        return
+    lines = [f"  {k}: {old!r} -> {new!r}" for k, old, new in plan.diff]
+    raise ConfigError(
+        f"run {name!r} has checkpoints trained with another config ({plan.epochs_done} epochs "
+        f"done); resuming would mix them:\n" + "\n".join(lines) + "\n"
+        "Either start a new run: --new-run (a timestamped run name) or --set run.name=NEW, "
+        "or resume with the new values anyway: --allow-config-change.\n"
+        f"Safe to change when resuming: {', '.join(SAFE_TO_CHANGE)}"
+    )
+
+
+def write_config(cfg: RunConfig, run_dir: Path) -> Path:
+    """`config.yaml`: the run's effective config, which a rerun is compared with."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG_FILE
+    header = f"# Effective config of run {cfg.run.name!r}; rerun: capsnet train --config {path}\n"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+    return path
