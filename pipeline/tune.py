@@ -25,7 +25,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 import math
+import numbers
+import shlex
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -40,6 +44,7 @@ from pipeline.config import (
     load_yaml,
     parse_run_config,
 )
+from pipeline.data import DataError, load_dataset_info
 from pipeline.figures import save_search_plot
 from pipeline.schema import Float, Int, Section, Str, error_lines, raise_config_error
 
@@ -187,7 +192,7 @@ def load_tune_config(path: str | Path, overrides: list[str] | tuple[str, ...] = 
                     errors.append(f"search.space.{key}={value!r}: {e}")
     if search is not None:
         try:
-            _search_alg(search)  # optuna missing, or grid entries it cannot take
+            _check_search_alg(search)  # optuna missing, or grid entries it cannot take
         except ConfigError as err:
             errors.append(str(err))
     if errors:
@@ -286,31 +291,140 @@ def _scheduler(search: SearchSection, epochs: int):
     )
 
 
-def _search_alg(search: SearchSection):
-    if search.search_alg == "random":
-        return None  # Tune's default variant generator: random sampling + grid entries
+def _check_search_alg(search: SearchSection) -> None:
+    """What the search algorithm needs, checked without importing Ray (load_tune_config)."""
+    if search.search_alg != "optuna":
+        return
     try:
         import optuna  # noqa: F401
-        from ray.tune.search.optuna import OptunaSearch
     except ImportError:
         raise ConfigError(
             "search.search_alg=optuna needs optuna: pip install -e '.[optuna]'"
         ) from None
     if any(isinstance(spec, Grid) for spec in search.space.values()):
         raise ConfigError("search.search_alg=optuna does not take grid entries; use choice")
+
+
+def _search_alg(search: SearchSection):
+    if search.search_alg == "random":
+        return None  # Tune's default variant generator: random sampling + grid entries
+    from ray.tune.search.optuna import OptunaSearch
+
     return OptunaSearch()
 
 
-def run_tune(tc: TuneConfig, *, resume: bool = False) -> Path:
-    """Run (or with resume=True, continue) the search; returns the experiment folder."""
+DATA_KEYS = ("data.shards", "data.train_split", "data.eval_split")
+
+
+def check_data(tc: TuneConfig) -> None:
+    """The shards and splits every trial reads exist. Inside the trials a missing folder is
+    found only after Ray starts, as one failed trial after another."""
+    corners = [tc.base] + [
+        apply_params(tc.base, {key: value})
+        for key in tc.search.space
+        if key in DATA_KEYS
+        for value in tc.search.values(key)
+    ]
+    errors: list[str] = []
+    for raw in corners:
+        data = raw["data"]
+        try:
+            info = load_dataset_info(absolute_path(data["shards"]))
+        except DataError as err:
+            errors.append(f"data.shards: {err}")
+            continue
+        for key in ("train_split", "eval_split"):
+            try:
+                info.split(data[key])
+            except DataError as err:
+                errors.append(f"data.{key}: {err}")
+    if errors:
+        raise_config_error(list(dict.fromkeys(errors)))  # corners repeat the base's errors
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the search after Tune saved its state; `capsnet tune --resume` goes on."""
+
+
+def resume_command(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The command that continues this search: the same config and --set overrides."""
+    args = ["capsnet", "tune", "--config", str(config_path)]
+    for item in overrides:
+        args += ["--set", item]
+    return shlex.join([*args, "--resume"])
+
+
+def interrupted(command: str) -> SearchInterrupted:
+    """Say how to continue (instead of Tune's Tuner.restore hint); the exception to raise."""
+    print(f"[capsnet] interrupted: continue with: {command}", flush=True)
+    return SearchInterrupted(command)
+
+
+class _InterruptWatch(logging.Filter):
+    """Tune catches the first Ctrl-C itself: fit() returns normally and Tune logs how to resume
+    through its Python API. Note the interrupt and drop that hint (ours names the CLI)."""
+
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "has been interrupted" in record.getMessage():
+            self.seen = True
+            return False
+        return True
+
+
+@contextmanager
+def _watch_interrupt():
+    watch = _InterruptWatch()
+    logger = logging.getLogger("ray.tune.tune")  # where Tune logs the interrupt
+    logger.addFilter(watch)
+    try:
+        yield watch
+    finally:
+        logger.removeFilter(watch)
+
+
+def _unfinished(results) -> bool:
+    """Trials neither terminated nor errored: the search stopped before it was done."""
+    return results.num_terminated + results.num_errors < len(results)
+
+
+def run_tune(
+    tc: TuneConfig,
+    *,
+    config_path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    resume: bool = False,
+) -> Path:
+    """Run (or with resume=True, continue) the search; returns the experiment folder. Raises
+    SearchInterrupted (after printing how to resume) when Ctrl-C stops it."""
+    from pipeline.train.trainer import with_absolute_paths
+
+    check_data(tc)  # before Ray starts
+    base = with_absolute_paths(parse_run_config(tc.base))
+    storage = absolute_path(tc.search.storage_path)
+    exp_dir = f"{storage.rstrip('/')}/{tc.search.name}"
+    command = resume_command(config_path, overrides)
+    try:
+        results, was_interrupted = _fit(tc, base, storage, exp_dir, resume)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune's own handler is set
+        raise interrupted(command) from None
+    out_dir = Path(exp_dir) if "://" not in exp_dir else Path("tune-" + tc.search.name)
+    if was_interrupted:
+        if len(results):
+            report(results, tc, out_dir)  # the trials so far
+        raise interrupted(command)
+    report(results, tc, out_dir)
+    return Path(exp_dir)
+
+
+def _fit(tc: TuneConfig, base: RunConfig, storage: str, exp_dir: str, resume: bool):
+    """The Ray part of run_tune: (results, whether Ctrl-C stopped the search)."""
     from ray import tune
 
-    from pipeline.train.trainer import init_ray, with_absolute_paths
+    from pipeline.train.trainer import init_ray
 
-    base = with_absolute_paths(parse_run_config(tc.base))
     search = tc.search
-    storage = absolute_path(search.storage_path)
-    exp_dir = f"{storage.rstrip('/')}/{search.name}"
     init_ray(dashboard=True)
     # The driver only waits on its TorchTrainer, whose workers reserve their own resources.
     trainable = tune.with_resources(trial_driver, {"CPU": 0.01})
@@ -346,9 +460,9 @@ def run_tune(tc: TuneConfig, *, resume: bool = False) -> Path:
                 failure_config=tune.FailureConfig(max_failures=search.max_failures),
             ),
         )
-    results = tuner.fit()
-    report(results, tc, Path(exp_dir) if "://" not in exp_dir else Path("tune-" + search.name))
-    return Path(exp_dir)
+    with _watch_interrupt() as watch:
+        results = tuner.fit()
+    return results, watch.seen or _unfinished(results)
 
 
 def result_rows(results, tc: TuneConfig) -> list[dict[str, Any]]:
@@ -361,7 +475,8 @@ def result_rows(results, tc: TuneConfig) -> list[dict[str, Any]]:
         params = result.config.get("params", {})
         trial = (result.metrics or {}).get("trial_id") or str(result.path).rsplit("/", 1)[-1]
         history = _history(result, trial, result.config.get("trial_storage", ""))
-        values = [h[search.metric] for h in history if search.metric in h]
+        # NaN epochs (diverged, or nothing evaluated yet) must not win max/min or hide the rest
+        values = [v for h in history if _finite(v := h.get(search.metric))]
         best = (max(values) if search.mode == "max" else min(values)) if values else math.nan
         cfg = parse_run_config(apply_params(tc.base, params))
         epochs = max((int(h.get("epoch", 0)) for h in history), default=0)
@@ -383,8 +498,13 @@ def result_rows(results, tc: TuneConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(value)  # numpy floats too
+
+
 def report(results, tc: TuneConfig, out_dir: Path) -> list[dict[str, Any]]:
-    """results.csv, the table printed, best-config.yaml and search.png in the experiment folder."""
+    """results.csv, the table printed, best-config.yaml and search.png in the experiment folder;
+    no best-config.yaml (and no plot) when no trial reported a finite metric."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = result_rows(results, tc)
     if not rows:
@@ -394,7 +514,13 @@ def report(results, tc: TuneConfig, out_dir: Path) -> list[dict[str, Any]]:
         writer.writeheader()
         writer.writerows(rows)
     print(format_table(rows))
-    best = rows[0]
+    best = rows[0]  # sorted: finite values first
+    if not _finite(best[f"best_{tc.search.metric}"]):
+        print(
+            f"[capsnet] results: {out_dir / 'results.csv'}; no trial reported a finite "
+            f"{tc.search.metric}, so no best config was written"
+        )
+        return rows
     params = {k: best[k] for k in tc.search.space}
     best_cfg = apply_params(tc.base, params)
     best_cfg["run"]["name"] = f"{tc.search.name}-best"

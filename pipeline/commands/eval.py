@@ -3,27 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pipeline.commands import HelpFormatter
-from pipeline.data import DataConfig, load_dataset_info, make_loader
+from pipeline.config import ConfigError, absolute_path
+from pipeline.data import DataConfig, DatasetInfo, load_dataset_info, make_loader
 from pipeline.evaluate import EvalResult, evaluate, format_result
 from pipeline.figures import save_confusion
-from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint
+from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="exact accuracy, per-class accuracy and confusion matrix",
-        description="Evaluate a checkpoint on every sample of a split exactly once.",
-        epilog="example:\n  capsnet eval --checkpoint runs/mnist-capsnet/checkpoints/"
-        "best --shards shards/mnist",
+        description="Evaluate a checkpoint on every sample of a split exactly once. Writes "
+        "eval-<checkpoint>-<split>.json and confusion-<checkpoint>-<split>.png beside the "
+        "checkpoint, where <checkpoint> is its folder's name (e.g. checkpoint_epoch-0007).",
+        epilog="examples:\n  capsnet eval --checkpoint runs/mnist-capsnet --shards shards/mnist"
+        "        # the run's best\n  capsnet eval --checkpoint runs/mnist-capsnet/last --shards "
+        "shards/mnist",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt or the folder holding it")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint.pt, its folder, a run folder (its best), RUN/best or RUN/last",
+    )
     p.add_argument("--shards", required=True, help="shard folder (or URL) with dataset.json")
     p.add_argument("--split", default="test", help="split to evaluate")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
@@ -34,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=2,
         help="DataLoader worker processes (0: read in this process)",
     )
-    p.add_argument("--out", help="folder for confusion-<split>.png (none: the checkpoint's)")
+    p.add_argument("--out", help="folder for the JSON and PNG (none: the checkpoint's folder)")
     p.set_defaults(func=run)
 
 
@@ -51,6 +61,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def available_devices() -> list[str]:
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` or a device this machine has; anything else is a ConfigError (exit status 2)
+    that lists what is available, not a CUDA traceback from deep inside `model.to`."""
+    available = available_devices()
+    if name not in available:
+        raise ConfigError(f"--device {name}: not available here; available: {', '.join(available)}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def checkpoint_file(checkpoint: str | Path) -> Path:
+    """The checkpoint.pt itself (see resolve_checkpoint for what may be given)."""
+    return resolve_checkpoint(checkpoint).resolve()
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     shards: str,
@@ -61,22 +96,56 @@ def evaluate_checkpoint(
     loader_workers: int = 2,
     out_dir: str | Path | None = None,
 ) -> EvalResult:
-    """Exact metrics of a checkpoint on one split; prints them and writes a PNG."""
-    model = model_from_checkpoint(load_checkpoint(checkpoint))
+    """Exact metrics of a checkpoint on one split; prints them, writes a JSON and a PNG."""
+    dev = resolve_device(device)  # before the (slow) checkpoint and data are read
+    ckpt = checkpoint_file(checkpoint)
+    model = model_from_checkpoint(load_checkpoint(ckpt))
     info = load_dataset_info(shards)
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    )
     data = DataConfig(shards=shards, loader_workers=loader_workers)
     loader = make_loader(data, split, info=info, batch_size=batch_size, training=False)
     result = evaluate(model.to(dev), loader, dev)
-    print(format_result(result, f"{Path(checkpoint)} on {shards} [{split}]"))
-    if result.confusion is not None and result.total:
-        folder = Path(out_dir) if out_dir else Path(checkpoint).resolve().parent
-        if folder.suffix == ".pt":
-            folder = folder.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        png = folder / f"confusion-{split}.png"
-        save_confusion(result.confusion, png, f"{split}: accuracy {result.accuracy:.4f}")
-        print(f"confusion matrix: {png}")
+    print(format_result(result, f"{ckpt} on {shards} [{split}]"))
+    write_outputs(result, info, ckpt, shards, split, out_dir)
     return result
+
+
+def write_outputs(
+    result: EvalResult,
+    info: DatasetInfo,
+    ckpt: Path,
+    shards: str,
+    split: str,
+    out_dir: str | Path | None,
+) -> None:
+    """eval-<name>-<split>.json and confusion-<name>-<split>.png, named after the checkpoint's
+    folder so that best/, last/ and Ray's checkpoint_* never overwrite each other's."""
+    folder = Path(out_dir) if out_dir else ckpt.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{ckpt.parent.name}-{split}"
+    path = folder / f"eval-{stem}.json"
+    path.write_text(json.dumps(result_dict(result, info, ckpt, shards, split), indent=2) + "\n")
+    print(f"metrics: {path}")
+    if info.label_kind == "index" and result.total:
+        png = folder / f"confusion-{stem}.png"
+        save_confusion(result.confusion, png, f"{stem}: accuracy {result.accuracy:.4f}")
+        print(f"confusion matrix: {png}")
+
+
+def result_dict(
+    result: EvalResult, info: DatasetInfo, ckpt: Path, shards: str, split: str
+) -> dict[str, Any]:
+    # Multi-hot data has no single predicted class: no confusion matrix, no per-class accuracy.
+    single = info.label_kind == "index" and result.confusion is not None
+    return {
+        "checkpoint": str(ckpt),
+        "shards": absolute_path(shards),
+        "split": split,
+        "samples": result.total,
+        "samples_skipped": result.samples_skipped,
+        "accuracy": result.accuracy,
+        "error": 1.0 - result.accuracy,
+        "losses": result.mean_losses(),
+        "class_names": list(info.class_names),
+        "per_class_accuracy": result.per_class_accuracy() if single else None,
+        "confusion": result.confusion.tolist() if single else None,
+    }

@@ -26,5 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     tc = tune.load_tune_config(args.config, args.overrides)  # errors surface before Ray starts
-    tune.run_tune(tc, resume=args.resume)
+    try:
+        # The config path and overrides go in so that an interrupt prints the --resume command.
+        tune.run_tune(tc, config_path=args.config, overrides=args.overrides, resume=args.resume)
+    except KeyboardInterrupt:  # Ctrl-C; run_tune has printed the --resume command
+        return 130  # 128 + SIGINT, what a shell reports for Ctrl-C
     return 0

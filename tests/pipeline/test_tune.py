@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import math
+import re
 import signal
 import subprocess
 import sys
 import time
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
 
+from pipeline import tune
+from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.tune import load_tune_config
 
@@ -112,6 +119,10 @@ def test_search_interrupted_then_resumed(tmp_path, tiny_shards):
         finally:
             if proc.poll() is None:
                 proc.kill()
+    log = (tmp_path / "first.log").read_text()
+    assert proc.returncode == 130, log[-3000:]
+    assert f"interrupted: continue with: capsnet tune --config {path} --resume" in log
+    assert "Tuner.restore" not in log  # Tune's own hint names its Python API, not the CLI
     first = _trial_epochs(exp_dir)
     finished = {k: v for k, v in first.items() if v and v[-1] == 3}
     assert finished and len(first) < 4, first
@@ -148,3 +159,178 @@ def test_set_reaches_the_search_space(tmp_path, tiny_shards):
     )
     assert tc.search.values("train.lr") == [1e-4, 1e-2]  # YAML 1.1 strings became floats
     assert tc.search.values("model.routing.iterations") == [1, 2]
+
+
+# --- before Ray starts: data and search algorithm ---------------------------------------------
+
+
+def no_ray(*args, **kwargs):
+    raise AssertionError("Ray was started")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.shards=MISSING", "data.shards: MISSING/dataset.json: no such file"),
+        ("data.eval_split=val", "data.eval_split: synthetic: no split 'val'; available: "),
+        ("search.space.data.train_split={choice: [train, extra]}", "no split 'extra'"),
+    ],
+)
+def test_missing_data_fails_before_ray(tmp_path, tiny_shards, monkeypatch, override, message):
+    path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path)
+    missing = str(tmp_path / "nope")
+    tc = load_tune_config(path, [override.replace("MISSING", missing)])
+    monkeypatch.setattr(tune, "_fit", no_ray)
+    with pytest.raises(ConfigError, match=re.escape(message.replace("MISSING", missing))):
+        tune.run_tune(tc, config_path=path)
+
+
+def test_optuna_missing_fails_before_ray(tmp_path, tiny_shards, monkeypatch):
+    path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path, search_alg="optuna")
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` raises ImportError
+    with pytest.raises(ConfigError, match="needs optuna: pip install"):
+        load_tune_config(path)
+
+
+def test_optuna_is_checked_without_importing_ray(tmp_path, tiny_shards, monkeypatch):
+    path = search_config(
+        tmp_path / "s.yaml",
+        tiny_shards,
+        tmp_path,
+        search_alg="optuna",
+        space={"train.lr": {"loguniform": [1e-4, 1e-2]}},
+    )
+    monkeypatch.setitem(sys.modules, "optuna", types.ModuleType("optuna"))
+    monkeypatch.setitem(sys.modules, "ray.tune.search.optuna", None)  # Ray's side: not here
+    assert load_tune_config(path).search.search_alg == "optuna"
+    with pytest.raises(ConfigError, match="grid entries"):
+        load_tune_config(path, ["search.space.train.lr={grid: [0.1, 0.01]}"])
+
+
+# --- reporting, with stand-ins for Ray's results (no Ray) -------------------------------------
+
+
+class Frame(list):
+    """Result.metrics_dataframe: rows of reported metrics."""
+
+    def to_dict(self, orient):
+        assert orient == "records"
+        return list(self)
+
+
+@dataclass
+class FakeResult:
+    """ray.tune.Result: what result_rows reads."""
+
+    config: dict
+    metrics: dict
+    path: str
+    error: BaseException | None = None
+    metrics_dataframe: Frame | None = None
+
+
+def fake_result(trial: str, lr: float, accuracies: list[float]) -> FakeResult:
+    rows = [
+        {"epoch": e + 1, "test_accuracy": a, "epoch_time_s": 2.0, "trial_id": trial}
+        for e, a in enumerate(accuracies)
+    ]
+    return FakeResult(
+        config={"params": {"train.lr": lr}, "trial_storage": ""},
+        metrics=dict(rows[-1]) if rows else {},
+        path=f"/exp/tiny-search/{trial}",
+        metrics_dataframe=Frame(rows) if rows else None,
+    )
+
+
+@dataclass
+class FakeGrid(list):
+    """ray.tune.ResultGrid: the results and the counts of finished trials."""
+
+    results: list = field(default_factory=list)
+    num_terminated: int = 0
+    num_errors: int = 0
+
+    def __post_init__(self):
+        self.extend(self.results)
+
+
+def test_no_best_config_without_a_finite_metric(tmp_path, tiny_shards, capsys):
+    tc = load_tune_config(search_config(tmp_path / "s.yaml", tiny_shards, tmp_path))
+    results = [
+        fake_result("t1", 0.02, [math.nan, math.nan]),
+        fake_result("t2", 0.01, []),  # never ran (interrupted search)
+    ]
+    rows = tune.report(results, tc, tmp_path / "exp")
+    out = capsys.readouterr().out
+    assert len(rows) == 2 and all(math.isnan(r["best_test_accuracy"]) for r in rows)
+    assert (tmp_path / "exp" / "results.csv").is_file() and "t1" in out  # table still printed
+    assert not (tmp_path / "exp" / "best-config.yaml").exists()
+    assert "no trial reported a finite test_accuracy" in out
+
+
+def test_nan_epochs_do_not_hide_a_finite_best(tmp_path, tiny_shards, capsys):
+    tc = load_tune_config(search_config(tmp_path / "s.yaml", tiny_shards, tmp_path))
+    results = [
+        fake_result("t1", 0.02, [0.3]),
+        fake_result("t2", 0.01, [math.nan, 0.6]),
+        fake_result("t3", 1e-7, [math.nan]),
+    ]
+    rows = tune.report(results, tc, tmp_path / "exp")
+    assert [r["trial"] for r in rows] == ["t2", "t1", "t3"]
+    assert rows[0]["best_test_accuracy"] == 0.6
+    header = (tmp_path / "exp" / "best-config.yaml").read_text().splitlines()[0]
+    assert "test_accuracy 0.6000" in header and "0.01" in header
+
+
+# --- Ctrl-C: `capsnet tune --resume`, exit status 130 ----------------------------------------
+
+
+def test_interrupt_prints_the_resume_command(tmp_path, tiny_shards, monkeypatch, capsys):
+    path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path)
+    tc = load_tune_config(path, ["search.num_samples=2"])
+    resume = f"capsnet tune --config {path} --set search.num_samples=2 --resume"
+
+    def ctrl_c(*args):  # a second Ctrl-C: Tune's fit() raises
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tune, "_fit", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        tune.run_tune(tc, config_path=path, overrides=["search.num_samples=2"])
+    assert f"interrupted: continue with: {resume}" in capsys.readouterr().out
+
+    # The first Ctrl-C: Tune saves its state and fit() returns the trials so far.
+    partial = FakeGrid([fake_result("t1", 0.02, [0.5]), fake_result("t2", 0.01, [])], 1)
+    monkeypatch.setattr(tune, "_fit", lambda *args: (partial, True))
+    with pytest.raises(KeyboardInterrupt):
+        tune.run_tune(tc, config_path=path, overrides=["search.num_samples=2"])
+    out = capsys.readouterr().out
+    assert (tmp_path / "tiny-search" / "results.csv").is_file()  # the trials so far
+    assert out.rstrip().splitlines()[-1] == f"[capsnet] interrupted: continue with: {resume}"
+
+
+def test_tune_command_exits_130_on_ctrl_c(tmp_path, tiny_shards, monkeypatch):
+    path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path)
+    calls = []
+
+    def interrupted(tc, **kwargs):
+        calls.append(kwargs)
+        raise tune.SearchInterrupted("capsnet tune ... --resume")
+
+    monkeypatch.setattr(tune, "run_tune", interrupted)
+    assert main(["tune", "--config", str(path), "--set", "search.num_samples=2"]) == 130
+    assert calls == [
+        {"config_path": str(path), "overrides": ["search.num_samples=2"], "resume": False}
+    ]
+
+
+def test_interrupt_watch_drops_tunes_restore_hint(caplog):
+    logger = logging.getLogger("ray.tune.tune")
+    with caplog.at_level(logging.INFO), tune._watch_interrupt() as watch:
+        logger.info("Total run time: 12.00 seconds")
+        assert not watch.seen
+        logger.warning(
+            "Experiment has been interrupted, but the most recent state was saved.\n"
+            'Resume experiment with: Tuner.restore(path="/x", trainable=...)'
+        )
+    assert watch.seen
+    assert "Total run time" in caplog.text and "Tuner.restore" not in caplog.text
