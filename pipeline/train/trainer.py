@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig, absolute_path
-from pipeline.train.context import LocalContext
+from pipeline.train.checkpoint import INDEX_FILE, CheckpointIndex
+from pipeline.train.console import DriverConsole, LocalConsole
+from pipeline.train.context import CHECKPOINT_FILE, LocalContext
 from pipeline.train.loop import run_dir_for, train_loop
 from pipeline.train.outputs import read_metrics
+from pipeline.train.resume import CONFIG_FILE, check_resume, plan_resume, write_config
+from pipeline.train.storage import RAY_ENTRIES, RunStorage
 
 
 @dataclass
@@ -24,13 +28,18 @@ class Summary:
     best_test_accuracy: float
     last_images_per_s: float
     checkpoint: str | None = None
+    outputs: str = ""
+    """Where the run's files are: the run folder, or its s3:// / gs:// URI."""
 
     def line(self) -> str:
         acc = self.best_test_accuracy
+        where = self.outputs or str(self.run_dir)
+        best = f"\n[capsnet] best checkpoint: {self.checkpoint}" if self.checkpoint else ""
         return (
             f"[capsnet] done: {self.name}: {self.epochs} epochs, best test accuracy "
             f"{acc:.4f} (error {100 * (1 - acc):.2f}%), {self.last_images_per_s:.0f} img/s; "
-            f"outputs in {self.run_dir}"
+            f"outputs in {where}{best}\n"
+            f"[capsnet] curves: tensorboard --logdir {where}/tensorboard"
         )
 
 
@@ -89,10 +98,20 @@ def build_trainer(
 def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     """Join RAY_ADDRESS's cluster if set, else start Ray embedded in this process.
 
-    `dashboard=True` for Tune: Ray Train V2 frees the placement group of a trial that Tune
-    stops (ASHA) through the state API, which the dashboard serves; without it the resources
-    of stopped trials leak and later trials wait forever for CPUs/GPUs.
+    An embedded instance always serves its dashboard (the state API), on 127.0.0.1 at a port
+    that was free a moment before, and every process it starts (raylet, so every worker) gets
+    RAY_API_SERVER_ADDRESS naming it. Ray Train V2's PlacementGroupCleaner, and its state actor,
+    ask the state API whether the run's controller is alive; without that variable they look
+    for it (ray.dashboard.utils.get_address_for_submission_client): /tmp/ray/ray_current_cluster,
+    else the only raylet `ps` shows ("Found multiple active Ray instances": the cleaner's thread
+    dies), then that instance's advertised dashboard address, which a dashboard-less instance
+    sets to 127.0.0.1:8265 without serving it. A neighbour's dashboard there does not know the
+    controller: "is dead", the cleaner removes the run's placement group, its workers die. Tune
+    needs the cleaner too: it frees the placement group of a trial that ASHA stops.
+    `dashboard` is kept for callers: an embedded instance needs its dashboard either way.
     """
+    import socket
+
     import ray
 
     if ray.is_initialized():
@@ -100,17 +119,48 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        # address="local": always a fresh embedded instance, never whatever cluster another
-        # `ray start` left on this machine (that is what RAY_ADDRESS is for). Loopback only.
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-            log_to_driver=True,
-        )
+        return
+
+    def port_is_free(port: int) -> bool:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Ray's own check
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+            return True
+
+    key = "RAY_API_SERVER_ADDRESS"
+    previous = os.environ.get(key)
+    for attempt in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # Only for the processes ray.init starts: restored below, so that a later Ray
+        # instance in this process never inherits an address that is gone (or someone else's).
+        os.environ[key] = f"http://127.0.0.1:{port}"
+        try:
+            # address="local": always a fresh embedded instance, never whatever cluster another
+            # `ray start` left on this machine (that is what RAY_ADDRESS is for). Loopback only.
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=port,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=True,
+            )
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == 2 or port_is_free(port):  # not a lost race for the port: a real error
+                raise
+        finally:
+            if previous is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = previous
 
 
 def summarize(cfg: RunConfig) -> Summary:
@@ -118,31 +168,100 @@ def summarize(cfg: RunConfig) -> Summary:
     rows = read_metrics(run_dir)
     best = max((r["test_accuracy"] for r in rows), default=float("nan"))
     last = rows[-1] if rows else {}
-    ckpt = run_dir / "checkpoints" / "best" / "checkpoint.pt"
+    best_name = CheckpointIndex.load(run_dir).best
+    ckpt = run_dir / str(best_name) / CHECKPOINT_FILE
     return Summary(
         name=cfg.run.name,
         run_dir=run_dir,
         epochs=int(last.get("epoch", 0)),
         best_test_accuracy=best,
         last_images_per_s=float(last.get("images_per_s", 0.0)),
-        checkpoint=str(ckpt) if ckpt.is_file() else None,
+        checkpoint=str(ckpt) if best_name and ckpt.is_file() else None,
     )
 
 
-def train(cfg: RunConfig, *, local: bool = False) -> Summary:
-    """Run `capsnet train`: the TorchTrainer on Ray (default) or the same loop in-process."""
+def dry_run(cfg: RunConfig, *, allow_config_change: bool = False) -> str:
+    """What `capsnet train` would do with this config, checked as far as possible without Ray:
+    the data, the storage, and the resume decision (a refusal raises as it would)."""
+    from pipeline.data import load_dataset_info
+
+    cfg = with_absolute_paths(cfg)
+    info = load_dataset_info(cfg.data.shards)
+    run_dir = run_dir_for(cfg)
+    storage = RunStorage(cfg.run.storage_path, cfg.run.name, run_dir, ignore=RAY_ENTRIES)
+    storage.check()
+    storage.pull(only=[CONFIG_FILE, INDEX_FILE])
+    plan = plan_resume(cfg, run_dir)
+    check_resume(plan, cfg, allow_config_change=allow_config_change)
+    model = cfg.build_model_config(tuple(info.image_shape), info.num_classes)
+    action = {
+        "fresh": "start a new run",
+        "resume": f"resume after epoch {plan.epochs_done}",
+        "finished": "do nothing: the run has finished",
+    }[plan.state]
+    return (
+        f"[capsnet] dry run: would {action}: {cfg.run.name} in {storage.uri}\n"
+        f"  data: {info.name} {tuple(info.image_shape)}, {info.num_classes} classes, "
+        f"{info.split(cfg.data.train_split).num_samples} train / "
+        f"{info.split(cfg.data.eval_split).num_samples} eval samples\n"
+        f"  model: {type(model).__name__} ({cfg.model.type}, preset "
+        f"{cfg.model.preset or 'default'}), {cfg.train.epochs} epochs, global batch "
+        f"{cfg.train.batch_size} on {cfg.run.num_workers} worker(s)"
+    )
+
+
+def train(
+    cfg: RunConfig, *, local: bool = False, allow_config_change: bool = False, verbose: bool = False
+) -> Summary:
+    """Run `capsnet train`: the TorchTrainer on Ray (default) or the same loop in-process.
+
+    Before anything starts: the data must be readable, and a run with checkpoints resumes
+    only under the resume rules (pipeline/train/resume.py); a finished run trains nothing."""
     cfg = with_absolute_paths(cfg)
     from pipeline.data import load_dataset_info
 
     load_dataset_info(cfg.data.shards)  # a missing/unreadable dataset fails before Ray starts
-    if local:  # the same loop in this process, rank 0 of 1
-        train_loop(cfg.to_dict(), LocalContext(run_dir_for(cfg)))
+    run_dir = run_dir_for(cfg)
+    # s3:// / gs://: the run's small files come from the bucket (which must exist: fail now)
+    storage = RunStorage(cfg.run.storage_path, cfg.run.name, run_dir, ignore=RAY_ENTRIES)
+    storage.check()
+    storage.pull(only=[CONFIG_FILE, INDEX_FILE, "metrics.jsonl"])
+    plan = plan_resume(cfg, run_dir)
+    check_resume(plan, cfg, allow_config_change=allow_config_change)
+    if plan.state == "finished":
+        print(
+            f"[capsnet] run {cfg.run.name!r} already finished: {plan.epochs_done} of "
+            f"train.epochs={cfg.train.epochs} epochs done, nothing to train. To train it "
+            f"further: --set train.epochs=N (N > {plan.epochs_done}); for a new run: "
+            f"--new-run or --set run.name=NEW",
+            flush=True,
+        )
         return summarize(cfg)
-    init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else _local_cpus(cfg))
-    result = build_trainer(cfg).fit()
+    write_config(cfg, run_dir)
+    storage.push([CONFIG_FILE], strict=True)  # rank 0, maybe on another node, pulls it
+    print(
+        f"[capsnet] run {cfg.run.name}: {plan.state} ({plan.epochs_done} epochs done); "
+        f"effective config: {run_dir / CONFIG_FILE}",
+        flush=True,
+    )
+    log_path = run_dir / "log.txt"
+    if local:  # the same loop in this process, rank 0 of 1
+        with LocalConsole(log_path):
+            train_loop(cfg.to_dict(), LocalContext(run_dir))
+        storage.push(["log.txt"], strict=True)
+        return summarize(cfg)
+    with DriverConsole(log_path, verbose=verbose):  # Ray's chatter: log.txt only
+        init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else _local_cpus(cfg))
+        result = build_trainer(cfg).fit()
+    storage.push(["log.txt"])
     if result.error is not None:
         raise result.error
+    storage.pull(only=[INDEX_FILE, "metrics.jsonl"])  # written by rank 0, maybe elsewhere
     summary = summarize(cfg)
+    if storage.remote:
+        summary.outputs = storage.uri
+        best = CheckpointIndex.load(run_dir).best
+        summary.checkpoint = f"{storage.uri}/{best}/{CHECKPOINT_FILE}" if best else None
     if result.metrics and summary.epochs == 0:  # remote storage: metrics came back via Ray only
         summary.epochs = int(result.metrics.get("epoch", 0))
         summary.best_test_accuracy = float(result.metrics.get("best_test_accuracy", float("nan")))

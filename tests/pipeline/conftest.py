@@ -95,5 +95,3 @@ def s3(s3_server, monkeypatch, request):
     for obj in client.list_objects_v2(Bucket=BUCKET).get("Contents", []):
         client.delete_object(Bucket=BUCKET, Key=obj["Key"])
     client.delete_bucket(Bucket=BUCKET)
-
-

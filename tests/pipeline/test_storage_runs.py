@@ -17,7 +17,7 @@ BUCKET = "capsnet-test"  # created by the `s3` fixture (conftest.py)
 
 def bucket_keys(client, prefix: str) -> set[str]:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return {o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])}
+    return {o["Key"][len(prefix) :] for page in pages for o in page.get("Contents", [])}
 
 
 def epochs_in_bucket(client, prefix: str) -> list[int]:
@@ -36,12 +36,14 @@ def expect_artifacts(keys: set[str], checkpoints: list[str]) -> None:
 
 
 def s3_config(tiny_config, tiny_shards, tmp_path, name, *extra):
-    return tiny_config(tiny_shards, tmp_path, f"run.storage_path=s3://{BUCKET}/runs",
-                       f"run.name={name}", *extra)
+    return tiny_config(
+        tiny_shards, tmp_path, f"run.storage_path=s3://{BUCKET}/runs", f"run.name={name}", *extra
+    )
 
 
 def test_local_run_leaves_every_artifact_in_the_bucket_and_resumes_from_it(
-        s3, tiny_shards, tiny_config, tmp_path):
+    s3, tiny_shards, tiny_config, tmp_path
+):
     name = f"local-{uuid.uuid4().hex[:8]}"
     cfg = s3_config(tiny_config, tiny_shards, tmp_path, name, "train.epochs=2")
     train(cfg, local=True)
@@ -60,8 +62,9 @@ def test_local_run_leaves_every_artifact_in_the_bucket_and_resumes_from_it(
     shutil.rmtree(run_dir_for(longer), ignore_errors=True)
 
 
-def test_changed_config_on_a_bucket_run_is_refused_before_training(s3, tiny_shards, tiny_config,
-                                                                   tmp_path):
+def test_changed_config_on_a_bucket_run_is_refused_before_training(
+    s3, tiny_shards, tiny_config, tmp_path
+):
     from pipeline.config import ConfigError
 
     name = f"refuse-{uuid.uuid4().hex[:8]}"
@@ -76,15 +79,17 @@ def test_changed_config_on_a_bucket_run_is_refused_before_training(s3, tiny_shar
 def test_missing_bucket_fails_before_training(s3, tiny_shards, tiny_config, tmp_path):
     from pipeline.train.storage import StorageError
 
-    cfg = tiny_config(tiny_shards, tmp_path, "run.storage_path=s3://no-such-bucket/runs",
-                      "run.name=nobucket")
+    cfg = tiny_config(
+        tiny_shards, tmp_path, "run.storage_path=s3://no-such-bucket/runs", "run.name=nobucket"
+    )
     with pytest.raises(StorageError, match="no-such-bucket"):
         train(cfg, local=True)
 
 
 @pytest.mark.ray
 def test_ray_run_leaves_every_artifact_in_the_bucket_and_resumes_from_it(
-        s3, tiny_shards, tiny_config, tmp_path):
+    s3, tiny_shards, tiny_config, tmp_path
+):
     ray = pytest.importorskip("ray")
     name = f"ray-{uuid.uuid4().hex[:8]}"
     prefix = f"runs/{name}/"
@@ -100,5 +105,6 @@ def test_ray_run_leaves_every_artifact_in_the_bucket_and_resumes_from_it(
         assert "checkpoint_epoch-0002/checkpoint.pt" in bucket_keys(s3, prefix)
     finally:
         ray.shutdown()
-        shutil.rmtree(run_dir_for(s3_config(tiny_config, tiny_shards, tmp_path, name)),
-                      ignore_errors=True)
+        shutil.rmtree(
+            run_dir_for(s3_config(tiny_config, tiny_shards, tmp_path, name)), ignore_errors=True
+        )

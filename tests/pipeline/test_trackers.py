@@ -20,8 +20,12 @@ def test_every_tracker_gets_the_run(tiny_shards, tiny_config, tmp_path, monkeypa
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: the file store is opt-in
-    cfg = tiny_config(tiny_shards, tmp_path / "runs", "train.epochs=2",
-                      "run.report_to=[tensorboard, wandb, mlflow]")
+    cfg = tiny_config(
+        tiny_shards,
+        tmp_path / "runs",
+        "train.epochs=2",
+        "run.report_to=[tensorboard, wandb, mlflow]",
+    )
     train(cfg, local=True)
     run_dir = run_dir_for(cfg)
 
@@ -44,7 +48,8 @@ def test_every_tracker_gets_the_run(tiny_shards, tiny_config, tmp_path, monkeypa
     history = client.get_metric_history(run.info.run_id, "test_accuracy")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == [
-        r["test_accuracy"] for r in rows]
+        r["test_accuracy"] for r in rows
+    ]
     assert run.data.params["train.lr"] == str(cfg.train.lr)
 
 

@@ -48,7 +48,9 @@ def test_local_run_writes_every_output(tiny_shards, tiny_config, tmp_path):
     assert resolve_checkpoint(run_dir / "best").is_file()
     # one copy per kept checkpoint: best and last are names in checkpoints.json, not copies
     assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == [
-        "checkpoint_epoch-0001", "checkpoint_epoch-0002"]
+        "checkpoint_epoch-0001",
+        "checkpoint_epoch-0002",
+    ]
     assert not (run_dir / "checkpoints").exists()
     assert summary.epochs == 2 and summary.best_test_accuracy == max(
         r["test_accuracy"] for r in rows
@@ -210,8 +212,9 @@ def test_skipped_samples_are_reported(tiny_shards, tiny_config, tmp_path):
 # --- resume rules ------------------------------------------------------------------------------
 
 
-def test_rerun_with_changed_hyperparameters_is_refused_with_the_diff(tiny_shards, tiny_config,
-                                                                     tmp_path):
+def test_rerun_with_changed_hyperparameters_is_refused_with_the_diff(
+    tiny_shards, tiny_config, tmp_path
+):
     """It used to resume silently with the old optimizer state and relabel the weights."""
     from pipeline.config import ConfigError
 
@@ -240,8 +243,9 @@ def test_allowed_config_change_resumes_with_the_new_lr(tiny_shards, tiny_config,
 
 def test_safe_keys_resume_without_asking(tiny_shards, tiny_config, tmp_path):
     train(tiny_config(tiny_shards, tmp_path, "train.epochs=1"), local=True)
-    longer = tiny_config(tiny_shards, tmp_path, "train.epochs=2", "train.log_every=1",
-                         "run.max_failures=5")
+    longer = tiny_config(
+        tiny_shards, tmp_path, "train.epochs=2", "train.log_every=1", "run.max_failures=5"
+    )
     train(longer, local=True)
     assert [r["epoch"] for r in metrics_of(longer)] == [1, 2]
 
@@ -271,8 +275,9 @@ def test_kept_checkpoints_follow_the_keep_rule(tiny_shards, tiny_config, tmp_pat
     """One copy per kept checkpoint: the best by accuracy plus the latest, every k epochs."""
     from pipeline.train.checkpoint import CheckpointIndex
 
-    cfg = tiny_config(tiny_shards, tmp_path, "train.epochs=5", "run.keep_checkpoints=1",
-                      "run.checkpoint_every=2")
+    cfg = tiny_config(
+        tiny_shards, tmp_path, "train.epochs=5", "run.keep_checkpoints=1", "run.checkpoint_every=2"
+    )
     train(cfg, local=True)
     run_dir = run_dir_for(cfg)
     index = CheckpointIndex.load(run_dir)
@@ -285,8 +290,9 @@ def test_kept_checkpoints_follow_the_keep_rule(tiny_shards, tiny_config, tmp_pat
     assert len(on_disk) == len({best, 5})
 
 
-def test_truncated_newest_checkpoint_falls_back_to_an_older_one(tiny_shards, tiny_config,
-                                                                tmp_path, capsys):
+def test_truncated_newest_checkpoint_falls_back_to_an_older_one(
+    tiny_shards, tiny_config, tmp_path, capsys
+):
     cfg = tiny_config(tiny_shards, tmp_path, "train.epochs=2", "run.keep_checkpoints=2")
     train(cfg, local=True)
     newest = run_dir_for(cfg) / "checkpoint_epoch-0002" / "checkpoint.pt"

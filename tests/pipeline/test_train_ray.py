@@ -19,13 +19,9 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=False,
-    )
+    from pipeline.train.trainer import init_ray
+
+    init_ray(num_cpus=4)  # its own dashboard on a free loopback port: see init_ray
     yield ray
     ray.shutdown()
 
