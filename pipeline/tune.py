@@ -98,7 +98,8 @@ DISTRIBUTIONS = {
 
 
 def _kind(spec: Any) -> str:
-    keys = list(spec) if isinstance(spec, dict) else []
+    """The distribution's tag: its one key (a dict being validated, or a parsed model)."""
+    keys = list(spec) if isinstance(spec, dict) else list(type(spec).model_fields)
     return f"<{keys[0]}>" if len(keys) == 1 else "<?>"
 
 

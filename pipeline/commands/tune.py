@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
 from pipeline import tune
 from pipeline.commands import HelpFormatter, add_config_options
 
@@ -21,11 +23,43 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="continue an interrupted search: finished trials are kept, unfinished resume",
     )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective search config (YAML) and exit",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config and every corner of the space, check the data, "
+        "print the search, then exit (no Ray)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     tc = tune.load_tune_config(args.config, args.overrides)  # errors surface before Ray starts
+    if args.print_config:
+        print(
+            yaml.safe_dump(
+                {**tc.base, "search": tc.search.model_dump(mode="json")}, sort_keys=False
+            ),
+            end="",
+        )
+        return 0
+    if args.dry_run:
+        tune.check_data(tc)
+        search = tc.search
+        grid = 1
+        for spec in search.space.values():
+            grid *= len(spec.grid) if isinstance(spec, tune.Grid) else 1
+        print(
+            f"[capsnet] dry run: would search {search.num_samples * grid} trial(s) of "
+            f"{tc.base['train']['epochs']} epochs over {', '.join(search.space) or '(nothing)'}"
+            f" ({search.scheduler.type}, {search.search_alg}), ranked by {search.metric} "
+            f"({search.mode}); experiment {search.storage_path}/{search.name}"
+        )
+        return 0
     try:
         # The config path and overrides go in so that an interrupt prints the --resume command.
         tune.run_tune(tc, config_path=args.config, overrides=args.overrides, resume=args.resume)

@@ -213,3 +213,20 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
     bad.write_text("train:\n  lr: [1e-3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*line"):
         load_config(bad)
+
+
+def test_train_print_config_and_dry_run(tiny_shards, tmp_path, capsys):
+    import yaml
+
+    from pipeline.cli import main
+
+    args = ["train", "--set", "model.preset=tiny", "--set", f"data.shards={tiny_shards}",
+            "--set", f"run.storage_path={tmp_path}"]
+    assert main([*args, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"] == {"type": "capsnet", "preset": "tiny"}
+    assert parse_run_config(printed) == load_config(None, [a for a in args[1:] if a != "--set"])
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would start a new run" in out and "320 train / 80 eval" in out
+    assert not (tmp_path / "capsnet").exists()  # a dry run writes nothing

@@ -334,3 +334,17 @@ def test_interrupt_watch_drops_tunes_restore_hint(caplog):
         )
     assert watch.seen
     assert "Total run time" in caplog.text and "Tuner.restore" not in caplog.text
+
+
+def test_print_config_and_dry_run_need_no_ray(tmp_path, tiny_shards, capsys, monkeypatch):
+    import sys as _sys
+
+    from pipeline.cli import main
+
+    monkeypatch.setitem(_sys.modules, "ray.tune", None)  # any use of Ray Tune would fail
+    path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path)
+    assert main(["tune", "--config", str(path), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["search"]["space"] == {"train.lr": {"grid": [0.02, 0.01, 1.0e-7, 1.0e-8]}}
+    assert main(["tune", "--config", str(path), "--dry-run"]) == 0
+    assert "would search 4 trial(s)" in capsys.readouterr().out
