@@ -17,6 +17,7 @@ from pipeline.commands import shards, smoke, submit, train, tune
 from pipeline.data.info import DataError
 from pipeline.schema import ConfigError
 from pipeline.submit import SubmitError
+from pipeline.train.context import TrainingError
 
 COMMANDS = (shards, train, eval_command, tune, smoke, submit)
 
@@ -52,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except TrainingError as err:  # the run itself failed (e.g. a non-finite loss)
+        if os.environ.get("CAPSNET_DEBUG"):
+            raise
+        print(f"capsnet {args.command}: training failed: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -235,6 +235,8 @@ class DebugSection(Section):
     """TEST ONLY: rank 0 exits hard once at the start of this epoch (fault-injection tests)."""
     crash_marker: Str = ""
     """TEST ONLY: file created on the crash so that it happens once."""
+    nan_at_step: Int = -1
+    """TEST ONLY: the loss becomes NaN at this global step (0-based) on every rank."""
 
 
 class RunConfig(Section):

@@ -1,29 +1,75 @@
-"""Exact evaluation: every test sample once across all ranks, counts summed with all_reduce."""
+"""Exact evaluation: every test sample once across all ranks, counts summed with all_reduce.
+
+An accuracy always says over how many of the split's samples it was computed
+(`EvalResult.total` of `EvalResult.expected`); `require_complete` turns a partial evaluation
+(corrupt shards skipped with on_error=skip) into an error unless the caller allows it, and
+`check_compatible` refuses data the checkpoint's model cannot be evaluated on before any is read.
+
+Label kinds. Single-label (`index`) data: a sample is correct when the top score is its class,
+and the result has a confusion matrix. Multi-hot data (MultiMNIST): a sample with k classes
+present is correct when its k top scores are exactly those classes (the paper's MultiMNIST
+metric); there is no confusion matrix. A model trained on multi-hot data may be evaluated on
+single-label data (its top class is a well-defined prediction); a model trained on single-label
+data is refused on multi-hot data when the caller knows that (`trained_label_kind`).
+"""
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from pipeline.data import DataError, DatasetInfo
 from pipeline.torch_utils import unwrap
+
+CLI_REMEDY = "--on-error skip --allow-partial"
+"""How `capsnet eval` is told to report an accuracy over the readable samples only."""
+
+
+class IncompleteEvaluationError(DataError):
+    """Some of the split's samples could not be read, and a partial accuracy was not allowed."""
+
+
+class IncompatibleDataError(DataError):
+    """The shards do not fit the checkpoint's model (image shape, classes or label kind)."""
 
 
 @dataclass
 class EvalResult:
     correct: int
     total: int
+    """Samples evaluated (read and used), summed over ranks."""
     loss_sums: dict[str, float]
     confusion: torch.Tensor | None = field(default=None, repr=False)
     """[J, J] counts, rows = true class, columns = predicted (single-label data only)."""
     samples_skipped: int = 0
     """Samples of the split the loader could not read (summed over ranks)."""
+    expected: int = field(kw_only=True)
+    """Samples the split holds according to dataset.json: what a complete evaluation reads."""
+    label_kind: str = field(default="index", kw_only=True)
+    """The data's label kind: `index` (one class per sample) or `multi-hot`."""
+
+    @property
+    def complete(self) -> bool:
+        """Every sample of the split was evaluated."""
+        return self.total == self.expected
+
+    @property
+    def unreadable(self) -> int:
+        """Samples of the split that were not evaluated."""
+        return max(self.expected - self.total, 0)
 
     @property
     def accuracy(self) -> float:
         return self.correct / max(self.total, 1)
+
+    def coverage(self) -> str:
+        """`9,950 of 10,000 samples (50 unreadable)`: what the accuracy is over."""
+        text = f"{self.total:,} of {self.expected:,} samples"
+        return text if self.complete else f"{text} ({self.unreadable:,} unreadable)"
 
     def mean_losses(self) -> dict[str, float]:
         return {k: v / max(self.total, 1) for k, v in self.loss_sums.items()}
@@ -34,15 +80,117 @@ class EvalResult:
         return (self.confusion.diag() / rows).tolist()
 
 
+def require_complete(
+    result: EvalResult, split: str, *, allow_partial: bool = False, remedy: str = CLI_REMEDY
+) -> str | None:
+    """None when every sample of `split` was evaluated. A partial evaluation raises
+    IncompleteEvaluationError (one line: how many were read, how to proceed) unless
+    `allow_partial`, in which case the warning to print is returned. An evaluation that read
+    no sample at all is always an error: there is no accuracy to report. `remedy` is how the
+    caller's user allows a partial result (a CLI flag, a config key)."""
+    if result.complete:
+        return None
+    if result.total == 0:
+        raise IncompleteEvaluationError(
+            f"split {split!r}: none of its {result.expected:,} samples could be read, so there "
+            "is no accuracy to report; fix the shards (rewrite them with `capsnet shards`)"
+        )
+    if not allow_partial:
+        raise IncompleteEvaluationError(
+            f"split {split!r}: read {result.total:,} of {result.expected:,} samples "
+            f"({result.unreadable:,} unreadable), so an accuracy would not be over the whole "
+            f"split; to report it over the readable samples only: {remedy}; or fix the shards "
+            "(rewrite them with `capsnet shards`)"
+        )
+    return (
+        f"split {split!r}: accuracy over {result.coverage()} only; "
+        "it is not comparable with a complete evaluation"
+    )
+
+
+def _shape(c: int, h: int, w: int) -> str:
+    return f"{c}x{h}x{w}"
+
+
+def check_compatible(
+    model_config: Any,
+    info: DatasetInfo,
+    *,
+    shards: str | None = None,
+    trained_label_kind: str | None = None,
+) -> None:
+    """Raise IncompatibleDataError (one line naming both sides) unless a model with
+    `model_config` (a CapsNetConfig or BaselineCNNConfig: in_channels, image_size, num_classes)
+    can be evaluated on shards described by `info`.
+
+    `trained_label_kind`: the label kind of the data the model was trained on, when known. A
+    single-label model on multi-hot shards is refused (a sample would count only when its top
+    k scores are exactly its k classes: a number that says little about a model never trained
+    to score several classes high). The other way round is allowed: a multi-hot model's top
+    class is a well-defined single-label prediction. Unknown: allowed (evaluated as multi-hot).
+    """
+    where = shards or info.base_url or info.name
+    size, channels = model_config.image_size, model_config.in_channels
+    wanted = (channels, size, size)
+    if tuple(info.image_shape) != wanted or info.num_classes != model_config.num_classes:
+        raise IncompatibleDataError(
+            f"checkpoint expects {_shape(*wanted)} images and {model_config.num_classes} "
+            f"classes; {where} has {_shape(*info.image_shape)} and {info.num_classes}"
+        )
+    if trained_label_kind == "index" and info.label_kind == "multi-hot":
+        raise IncompatibleDataError(
+            f"checkpoint was trained on single-label data; {where} has multi-hot labels "
+            "(several classes per image), and multi-label evaluation of a single-label model "
+            "is not supported: evaluate it on single-label shards"
+        )
+
+
 def correct_predictions(scores_BJ: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[B] bools. Multi-hot targets (k classes present): the top-k scores must be exactly them."""
+    """[B] bools. Single-label targets [B]: the top score is the target class. Multi-hot
+    targets [B, J] (k_b classes present in sample b): the k_b top scores are exactly them
+    (k per sample, so a sample's result never depends on the rest of its batch)."""
     if targets.dim() == 1:
         return scores_BJ.argmax(1) == targets
-    k = int(targets.sum(1).max())
-    top = torch.zeros_like(targets, dtype=torch.bool).scatter_(
-        1, scores_BJ.topk(k, 1).indices, True
-    )
-    return (top == targets.bool()).all(1)
+    present = targets.bool()
+    k = present.sum(1, keepdim=True)
+    rank = scores_BJ.argsort(1, descending=True).argsort(1)  # 0 = highest score
+    return ((rank < k) == present).all(1)
+
+
+def _check_batch(images: torch.Tensor, targets: torch.Tensor, config: Any) -> None:
+    """A clear error, before the forward pass, for a batch the model cannot score (rather
+    than a convolution shape error, a one_hot error or a bincount/reshape crash)."""
+    J = config.num_classes
+    size, channels = getattr(config, "image_size", None), getattr(config, "in_channels", None)
+    if size is not None and tuple(images.shape[1:]) != (channels, size, size):
+        raise IncompatibleDataError(
+            f"model expects {_shape(channels, size, size)} images; the loader gave "
+            f"{_shape(*images.shape[1:])}"
+        )
+    if targets.dim() == 1:
+        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= J):
+            bad = targets[(targets < 0) | (targets >= J)]
+            raise IncompatibleDataError(
+                f"label {int(bad[0])} is outside the model's {J} classes (0..{J - 1})"
+            )
+    elif targets.dim() != 2 or targets.shape[1] != J:
+        raise IncompatibleDataError(
+            f"multi-hot labels of shape {tuple(targets.shape)}; the model has {J} classes"
+        )
+
+
+def _part_names(inner: torch.nn.Module, device: torch.device, label_kind: str) -> list[str]:
+    """The loss part names of `inner` on this label kind, from one blank sample: a rank that
+    read no batch (its shards unreadable, on_error=skip) must pack the same vector as the
+    others, or the all_reduce below mismatches."""
+    cfg = inner.config
+    images = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    if label_kind == "index":
+        targets = torch.zeros(1, dtype=torch.long, device=device)
+    else:
+        targets = torch.zeros(1, cfg.num_classes, device=device)
+        targets[0, 0] = 1
+    return list(inner.loss(inner(images), images, targets).parts)
 
 
 @torch.no_grad()
@@ -54,11 +202,16 @@ def evaluate(
     distributed: bool = False,
 ) -> EvalResult:
     """Accuracy, summed loss parts and confusion matrix over this rank's share, then summed
-    over ranks. The model sees no targets, so CapsNet's decoder is masked by its prediction."""
+    over ranks. The model sees no targets, so CapsNet's decoder is masked by its prediction.
+
+    `loader` is a ShardLoader of the whole split (distributed=False) or of this rank's share
+    (distributed=True); `expected` is the split's size from dataset.json either way."""
     # Forward through the plain module: ranks may run one eval batch more or less than each
     # other, and the DDP wrapper's forward can issue collectives.
     inner = unwrap(model)
     num_classes = inner.config.num_classes
+    label_kind = loader.info.label_kind
+    expected = loader.info.split(loader.split).num_samples
     was_training = inner.training
     inner.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -66,6 +219,7 @@ def evaluate(
     sums: dict[str, torch.Tensor] = {}
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     for images, targets in loader:
+        _check_batch(images, targets, inner.config)  # on the host: no device sync
         images, targets = (
             images.to(device, non_blocking=True),
             targets.to(device, non_blocking=True),
@@ -83,20 +237,14 @@ def evaluate(
             confusion += torch.bincount(idx, minlength=num_classes**2).view(
                 num_classes, num_classes
             )
+    if not sums:  # no batch at all: the same part names as every other rank, all zero
+        sums = {n: torch.zeros((), device=device) for n in _part_names(inner, device, label_kind)}
     inner.train(was_training)
     names = sorted(sums)
     skipped = torch.tensor(float(loader.stats.samples_skipped), device=device)
     if distributed:
-        # One fixed-order vector, one collective. Every rank has at least one eval batch (the
-        # loader refuses a rank with no data), so all ranks hold the same part names.
-        packed = torch.stack(
-            [
-                correct.float(),
-                total.float(),
-                skipped,
-                *[sums.get(n, torch.zeros((), device=device)) for n in names],
-            ]
-        )
+        # One fixed-order vector, one collective; every rank holds the same part names.
+        packed = torch.stack([correct.float(), total.float(), skipped, *[sums[n] for n in names]])
         dist.all_reduce(packed)
         dist.all_reduce(confusion)
         correct, total, skipped = packed[0].long(), packed[1].long(), packed[2]
@@ -105,18 +253,22 @@ def evaluate(
         correct=int(correct),
         total=int(total),
         loss_sums={k: float(v) for k, v in sums.items()},
-        confusion=confusion.cpu(),
+        confusion=confusion.cpu() if label_kind == "index" else None,
         samples_skipped=int(skipped),
+        expected=expected,
+        label_kind=label_kind,
     )
 
 
 def format_result(result: EvalResult, title: str) -> str:
     lines = [
         title,
-        f"samples {result.total}  accuracy {result.accuracy:.4f}  "
-        f"error {100 * (1 - result.accuracy):.2f}%",
-        "losses " + "  ".join(f"{k} {v:.4f}" for k, v in result.mean_losses().items()),
+        f"accuracy {result.accuracy:.4f}  error {100 * (1 - result.accuracy):.2f}%  "
+        f"over {result.coverage()}",
     ]
+    if result.label_kind == "multi-hot":
+        lines.append("multi-label: a sample is correct when its k top scores are its k classes")
+    lines.append("losses " + "  ".join(f"{k} {v:.4f}" for k, v in result.mean_losses().items()))
     if result.confusion is not None:
         J = result.confusion.shape[0]
         lines.append(

@@ -47,6 +47,7 @@ from pipeline.config import (
 from pipeline.data import DataError, load_dataset_info
 from pipeline.figures import save_search_plot
 from pipeline.schema import Float, Int, Section, Str, error_lines, raise_config_error
+from pipeline.train.context import FATAL_KEY
 
 PositiveInt = Annotated[Int, Field(ge=1)]
 
@@ -466,6 +467,14 @@ def _fit(tc: TuneConfig, base: RunConfig, storage: str, exp_dir: str, resume: bo
     return results, watch.seen or _unfinished(results)
 
 
+def _trial_error(result) -> str:
+    """Why a trial failed: Tune's error, or a deterministic failure its run reported."""
+    if result.error is not None:
+        return type(result.error).__name__
+    fatal = (result.metrics or {}).get(FATAL_KEY)
+    return str(fatal).split(":", 1)[0] if fatal else ""
+
+
 def result_rows(results, tc: TuneConfig) -> list[dict[str, Any]]:
     """One row per trial: its parameters, best metric, epochs run, early stop, device time."""
     from pipeline.train.trainer import resolve_use_gpu
@@ -489,7 +498,7 @@ def result_rows(results, tc: TuneConfig) -> list[dict[str, Any]]:
                 f"best_{search.metric}": best,
                 "epochs_run": epochs,
                 "stopped_early": result.error is None and epochs < cfg.train.epochs,
-                "error": type(result.error).__name__ if result.error is not None else "",
+                "error": _trial_error(result),
                 "device_hours": cfg.run.num_workers * seconds / 3600.0,
                 "device": "GPU" if resolve_use_gpu(cfg.run.use_gpu) else "CPU",
             }

@@ -17,6 +17,12 @@ from typing import Any
 import torch
 
 CHECKPOINT_FILE = "checkpoint.pt"
+FATAL_KEY = "capsnet_fatal"
+"""Metric key of a deterministic failure reported as a run's last result (not retried)."""
+
+
+class TrainingError(RuntimeError):
+    """A run failed in a way a retry cannot fix (e.g. a non-finite loss)."""
 
 
 class WorkerContext:
@@ -52,6 +58,10 @@ class WorkerContext:
 
     def delete_checkpoint(self, name: str) -> None:
         """Drop a checkpoint the keep rule no longer keeps (Ray does this itself)."""
+
+    def fail(self, error: Exception) -> None:
+        """End the run with a deterministic error (every rank calls this at the same point)."""
+        raise error
 
 
 class LocalContext(WorkerContext):
@@ -132,6 +142,11 @@ class RayContext(WorkerContext):
 
     def delete_checkpoint(self, name: str) -> None:
         pass  # CheckpointConfig(num_to_keep) applies the same rule to Ray's copies
+
+    def fail(self, error: Exception) -> None:
+        # Returning normally with the error as the last report: a raised error would be a
+        # worker failure, which Ray retries up to max_failures times, failing the same way.
+        self._train.report({FATAL_KEY: f"{type(error).__name__}: {error}"})
 
 
 def in_ray_worker() -> bool:

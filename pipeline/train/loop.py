@@ -21,7 +21,7 @@ import torch
 from capscore import build_model
 from pipeline.config import RunConfig, absolute_path, is_remote, parse_run_config
 from pipeline.data import DatasetInfo, ShardLoader, load_dataset_info, make_loader
-from pipeline.evaluate import EvalResult, evaluate
+from pipeline.evaluate import EvalResult, IncompleteEvaluationError, evaluate, require_complete
 from pipeline.figures import save_reconstructions
 from pipeline.torch_utils import autocast_for, unwrap
 from pipeline.train.checkpoint import (
@@ -31,12 +31,17 @@ from pipeline.train.checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
 )
-from pipeline.train.context import RayContext, WorkerContext, limit_threads_to_env
+from pipeline.train.context import (
+    RayContext,
+    TrainingError,
+    WorkerContext,
+    limit_threads_to_env,
+)
 from pipeline.train.outputs import RunLog
 from pipeline.train.storage import RAY_ENTRIES, RunStorage
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingError):
     """The loss became NaN/inf; the message says at which step and in which part."""
 
 
@@ -77,6 +82,7 @@ def metrics_row(
         "test_accuracy": result.accuracy,
         "test_error": 1.0 - result.accuracy,
         "test_samples": result.total,
+        "test_samples_expected": result.expected,
         "best_test_accuracy": best_accuracy,
         **{f"test_{k}": v for k, v in result.mean_losses().items()},
         "lr": lr,
@@ -99,9 +105,19 @@ def run_dir_for(cfg: RunConfig) -> Path:
 
 
 def train_loop(config: dict[str, Any], context: WorkerContext | None = None) -> None:
-    """Train one run. `config` is RunConfig.to_dict(); `context` defaults to Ray's."""
-    cfg = parse_run_config(config)
+    """Train one run. `config` is RunConfig.to_dict(); `context` defaults to Ray's.
+
+    A non-finite loss is deterministic: retrying from the last checkpoint would fail the same
+    way. All ranks detect it together and report it as the run's result (`capsnet_fatal`),
+    which the driver raises, instead of failing the workers (which Ray would retry)."""
     ctx = context or RayContext()
+    try:
+        _train(parse_run_config(config), ctx)
+    except (NonFiniteLossError, IncompleteEvaluationError) as err:  # the same on every rank
+        ctx.fail(err)
+
+
+def _train(cfg: RunConfig, ctx: WorkerContext) -> None:
     limit_threads_to_env()
     rank0 = ctx.world_rank == 0
     run_dir = run_dir_for(cfg)
@@ -173,6 +189,16 @@ def _run_epoch(
         autocast_for(cfg.train.precision, device),
         ctx.distributed,
     )
+    # A partial evaluation (unreadable eval shards) is an error unless allowed; the result is
+    # summed over ranks, so every rank decides the same way, at the same point.
+    partial = require_complete(
+        result,
+        cfg.data.eval_split,
+        allow_partial=cfg.data.allow_partial_eval,
+        remedy="data.allow_partial_eval=true (with data.on_error=skip)",
+    )
+    if partial and rank0:
+        print(f"[capsnet] warning: epoch {epoch + 1}: {partial}", flush=True)
     state.best_accuracy = max(state.best_accuracy, result.accuracy)
     state.next_epoch = epoch + 1
     metrics = metrics_row(
@@ -285,6 +311,8 @@ def _train_epoch(
         with autocast:
             out = model(images, targets)
             loss = inner.loss(out, images, targets)
+        if step0 + step == cfg.debug.nan_at_step:  # TEST ONLY fault injection
+            loss.total = loss.total * float("nan")
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss.total).backward()  # a no-op scale unless fp16
         state.scaler.step(state.optimizer)
@@ -301,7 +329,7 @@ def _train_epoch(
             fingerprint = images.detach().float().sum() + targets.float().sum()
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == n_batches:
             block = torch.stack(pending)
-            _check_finite(block, names, step0 + step + 1 - len(pending))
+            _check_finite(block, names, step0 + step + 1 - len(pending), ctx)
             sums = block.sum(0) if sums is None else sums + block.sum(0)
             pending.clear()
             mean_loss = float(sums[0]) / (step + 1)
@@ -355,8 +383,23 @@ def _per_rank(stats: EpochStats, device: torch.device, ctx: WorkerContext) -> di
     }
 
 
-def _check_finite(block: torch.Tensor, names: list[str], first_step: int) -> None:
+def _check_finite(
+    block: torch.Tensor, names: list[str], first_step: int, ctx: WorkerContext
+) -> None:
+    """Raise NonFiniteLossError on EVERY rank if any rank's loss went non-finite in this block
+    (one small all-reduce at the check), so all ranks stop at the same point (no rank is left
+    waiting in a collective) and the failure can be reported once, not retried."""
     bad = ~torch.isfinite(block)
+    flag = bad.any().to(torch.int32).reshape(1)
+    if ctx.distributed:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if not bool(flag):
+        return
+    if not bad.any():
+        raise NonFiniteLossError(
+            f"non-finite loss on another rank between global steps {first_step} and "
+            f"{first_step + len(block) - 1}; lower train.lr or use train.precision=fp32"
+        )
     if bad.any():
         row, col = (int(i) for i in bad.nonzero()[0])
         part = (

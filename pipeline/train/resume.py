@@ -36,6 +36,7 @@ SAFE_TO_CHANGE = (
     "data.pin_memory",
     "data.verify_checksums",
     "data.on_error",
+    "data.allow_partial_eval",
     "debug.*",
 )
 """Dotted keys (fnmatch patterns) a resumed run may change: logging, fault tolerance and

@@ -13,7 +13,7 @@ from typing import Any
 from pipeline.config import RunConfig, absolute_path
 from pipeline.train.checkpoint import INDEX_FILE, CheckpointIndex
 from pipeline.train.console import DriverConsole, LocalConsole
-from pipeline.train.context import CHECKPOINT_FILE, LocalContext
+from pipeline.train.context import CHECKPOINT_FILE, FATAL_KEY, LocalContext, TrainingError
 from pipeline.train.loop import run_dir_for, train_loop
 from pipeline.train.outputs import read_metrics
 from pipeline.train.resume import CONFIG_FILE, check_resume, plan_resume, write_config
@@ -256,6 +256,8 @@ def train(
     storage.push(["log.txt"])
     if result.error is not None:
         raise result.error
+    if result.metrics and FATAL_KEY in result.metrics:  # deterministic: reported, not retried
+        raise TrainingError(result.metrics[FATAL_KEY])
     storage.pull(only=[INDEX_FILE, "metrics.jsonl"])  # written by rank 0, maybe elsewhere
     summary = summarize(cfg)
     if storage.remote:

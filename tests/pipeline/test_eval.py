@@ -1,9 +1,13 @@
-"""capsnet eval: outputs named after the checkpoint's folder, and a clear error for a device
-this machine does not have (fast tier: an untrained tiny checkpoint, no Ray)."""
+"""capsnet eval: outputs named after the checkpoint's folder, a clear error for a device this
+machine does not have, corrupt shards (an error unless --on-error skip --allow-partial, and
+then the accuracy says over how many samples), and shards that do not fit the checkpoint
+(fast tier: an untrained tiny checkpoint, no Ray)."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -12,22 +16,45 @@ from capscore import build_model
 from pipeline.cli import main
 from pipeline.commands import eval as eval_command
 from pipeline.config import load_config
-from pipeline.data import load_dataset_info
+from pipeline.data import ShardsConfig, load_dataset_info, write_shards
 from pipeline.train.checkpoint import TrainState
+
+SAMPLE_BYTES = 4 * 512  # a 12x12 sample in a shard: header + image block + header + label block
+
+
+def save_run(run, shards, names=("best", "last")):
+    """run/checkpoints/<name>/checkpoint.pt of an untrained tiny CapsNet trained on `shards`."""
+    cfg = load_config(None, ["model.preset=tiny", f"data.shards={shards}"])
+    info = load_dataset_info(shards)
+    model = build_model(cfg.build_model_config(info.image_shape, info.num_classes))
+    state = TrainState.create(model, cfg.train, torch.device("cpu"))
+    for name in names:
+        state.save(run / "checkpoints" / name, run_config=cfg.to_dict(), metrics={})
+    return run
+
+
+def synthetic(out, **kw):
+    """Tiny synthetic shards: 12x12, 10 classes, 80 test samples in shards of 50 and 30."""
+    settings = dict(image_size=12, train_samples=16, test_samples=80, shard_size=50, seed=2)
+    write_shards(ShardsConfig(dataset="synthetic", out=str(out), **{**settings, **kw}))
+    return out
 
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_shards, tmp_path_factory):
     """runs/tiny/checkpoints/{best,last}/checkpoint.pt of an untrained tiny CapsNet."""
-    root = tmp_path_factory.mktemp("eval")
-    cfg = load_config(None, ["model.preset=tiny", f"data.shards={tiny_shards}"])
-    info = load_dataset_info(tiny_shards)
-    model = build_model(cfg.build_model_config(info.image_shape, info.num_classes))
-    state = TrainState.create(model, cfg.train, torch.device("cpu"))
-    run = root / "tiny"
-    for name in ("best", "last"):
-        state.save(run / "checkpoints" / name, run_config=cfg.to_dict(), metrics={})
-    return run
+    return save_run(tmp_path_factory.mktemp("eval") / "tiny", tiny_shards)
+
+
+@pytest.fixture
+def corrupt_copy(tiny_shards, tmp_path):
+    """A copy of the tiny shards whose test-000000.tar (50 of the 80 test samples) ends after
+    10 samples."""
+    copy = tmp_path / "corrupt"
+    shutil.copytree(tiny_shards, copy)
+    path = copy / "test-000000.tar"
+    path.write_bytes(path.read_bytes()[: 10 * SAMPLE_BYTES + 700])
+    return copy
 
 
 def eval_args(checkpoint, shards, *extra):
@@ -49,6 +76,12 @@ def test_outputs_beside_the_checkpoint(run_dir, tiny_shards, capsys, name, given
     assert report["checkpoint"] == str((folder / "checkpoint.pt").resolve())
     assert report["shards"] == str(tiny_shards.resolve())
     assert (report["split"], report["samples"]) == ("test", 80)
+    assert (report["samples_expected"], report["samples_unreadable"], report["complete"]) == (
+        80,
+        0,
+        True,
+    )
+    assert re.search(r"^accuracy [0-9.]+  error [0-9.]+%  over 80 of 80 samples$", out, re.M)
     assert report["accuracy"] + report["error"] == pytest.approx(1.0)
     assert len(report["per_class_accuracy"]) == len(report["confusion"]) == 10
     assert sum(map(sum, report["confusion"])) == 80
@@ -91,3 +124,129 @@ def test_available_devices_resolve(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert eval_command.resolve_device("auto") == torch.device("cpu")
     assert eval_command.resolve_device("cpu") == torch.device("cpu")
+
+
+# --- issue 11 item 7: corrupt shards --------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_corrupt_shard_is_a_one_line_error_by_default(
+    run_dir, corrupt_copy, capsys, tmp_path, workers
+):
+    out = tmp_path / "out"
+    args = eval_args(run_dir / "checkpoints" / "best", corrupt_copy, "--out", str(out))
+    assert main([*args, "--loader-workers", workers]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == (
+        f"capsnet eval: error: {corrupt_copy / 'test-000000.tar'}: truncated archive (no "
+        "end-of-archive marker); to evaluate the readable samples only: --on-error skip "
+        "--allow-partial"
+    )
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_skipping_without_allow_partial_is_an_error_naming_the_counts(
+    run_dir, corrupt_copy, capsys, tmp_path
+):
+    out = tmp_path / "out"
+    args = eval_args(run_dir / "checkpoints" / "best", corrupt_copy, "--out", str(out))
+    assert main([*args, "--on-error", "skip"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-2].startswith(
+        "capsnet eval: error: split 'test': read 40 of 80 samples (40 unreadable), so an "
+        "accuracy would not be over the whole split; to report it over the readable samples "
+        "only: --on-error skip --allow-partial"
+    )
+    assert not out.exists()
+
+
+def test_allowed_partial_result_says_over_how_many(run_dir, corrupt_copy, capsys, tmp_path):
+    best = run_dir / "checkpoints" / "best"
+    args = eval_args(best, corrupt_copy, "--out", str(tmp_path), "--on-error", "skip")
+    assert main([*args, "--allow-partial"]) == 0
+    captured = capsys.readouterr()
+    assert re.search(
+        r"^accuracy [0-9.]+  error [0-9.]+%  over 40 of 80 samples \(40 "
+        r"unreadable\)$",
+        captured.out,
+        re.M,
+    )
+    assert "warning: split 'test': accuracy over 40 of 80 samples (40 unreadable)" in (captured.err)
+    report = json.loads((tmp_path / "eval-best-test.json").read_text())
+    assert (report["samples"], report["samples_expected"]) == (40, 80)
+    assert (report["samples_unreadable"], report["complete"]) == (40, False)
+    assert report["samples_skipped"] == 40 and sum(map(sum, report["confusion"])) == 40
+
+
+def test_unreadable_split_is_an_error_even_with_allow_partial(
+    run_dir, tiny_shards, capsys, tmp_path
+):
+    shards = tmp_path / "garbage"
+    shutil.copytree(tiny_shards, shards)
+    for path in shards.glob("test-*.tar"):
+        path.write_bytes(b"not a tar file" * 100)
+    args = eval_args(run_dir / "checkpoints" / "best", shards, "--out", str(tmp_path / "o"))
+    assert main([*args, "--on-error", "skip", "--allow-partial"]) == 2
+    err = capsys.readouterr().err
+    assert "capsnet eval: error: split 'test': none of its 80 samples could be read" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_verify_checksums(run_dir, tiny_shards, capsys, tmp_path):
+    shards = tmp_path / "flipped"
+    shutil.copytree(tiny_shards, shards)
+    path = shards / "test-000001.tar"
+    data = bytearray(path.read_bytes())
+    data[600] ^= 0xFF  # a pixel: invisible to the tar parser
+    path.write_bytes(bytes(data))
+    args = eval_args(run_dir / "checkpoints" / "best", shards, "--out", str(tmp_path / "o"))
+    assert main(args) == 0  # unverified: the pixel is read as it is
+    capsys.readouterr()
+    assert main([*args, "--verify-checksums"]) == 2
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and "test-000001.tar" in err
+
+
+# --- issue 11 item 8: shards that do not fit the checkpoint ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw, theirs",
+    [
+        (dict(image_size=16), "1x16x16 and 10"),
+        (dict(num_classes=5), "1x12x12 and 5"),
+        (dict(channels=3), "3x12x12 and 10"),
+    ],
+)
+def test_shards_that_do_not_fit_are_refused_before_reading(run_dir, capsys, tmp_path, kw, theirs):
+    shards = synthetic(tmp_path / "other", **kw)
+    args = eval_args(run_dir / "checkpoints" / "best", shards, "--out", str(tmp_path / "o"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == (
+        f"capsnet eval: error: checkpoint expects 1x12x12 images and 10 classes; {shards} has "
+        f"{theirs}"
+    )
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_single_label_checkpoint_on_multi_hot_shards_is_refused(run_dir, capsys, tmp_path):
+    shards = synthetic(tmp_path / "multi", multi_hot=True)
+    assert main(eval_args(run_dir / "checkpoints" / "best", shards)) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith(
+        f"capsnet eval: error: checkpoint was trained on single-label data; {shards} has "
+        "multi-hot labels"
+    )
+
+
+def test_multi_hot_checkpoint_on_multi_hot_shards(capsys, tmp_path):
+    shards = synthetic(tmp_path / "multi", multi_hot=True)
+    run = save_run(tmp_path / "run", shards, names=("best",))
+    assert main(eval_args(run / "checkpoints" / "best", shards)) == 0
+    out = capsys.readouterr().out
+    assert "over 80 of 80 samples" in out and "multi-label" in out
+    report = json.loads((run / "checkpoints" / "best" / "eval-best-test.json").read_text())
+    assert report["label_kind"] == "multi-hot" and report["complete"]
+    assert report["confusion"] is None and report["per_class_accuracy"] is None
+    assert not list((run / "checkpoints" / "best").glob("*.png"))

@@ -302,3 +302,24 @@ def test_truncated_newest_checkpoint_falls_back_to_an_older_one(
     out = capsys.readouterr().out
     assert "skipping checkpoint" in out and "checkpoint_epoch-0002" in out
     assert [r["epoch"] for r in metrics_of(longer)] == [1, 2, 3]  # epoch 2 trained again
+
+
+def test_partial_per_epoch_evaluation_is_an_error_unless_allowed(tiny_shards, tiny_config,
+                                                                 tmp_path, capsys):
+    """It used to report the accuracy of whatever eval samples were readable as the epoch's."""
+    import shutil
+
+    from pipeline.evaluate import IncompleteEvaluationError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    victim = sorted(shards.glob("test-*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[: 3 * 512 + 100])
+    cfg = tiny_config(shards, tmp_path / "a", "train.epochs=1")
+    with pytest.raises(IncompleteEvaluationError, match="test"):
+        train(cfg, local=True)
+    allowed = tiny_config(shards, tmp_path / "b", "train.epochs=1", "data.allow_partial_eval=true")
+    train(allowed, local=True)
+    row = metrics_of(allowed)[0]
+    assert row["test_samples"] < row["test_samples_expected"] == 80
+    assert "warning: epoch 1" in capsys.readouterr().out

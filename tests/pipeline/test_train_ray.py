@@ -87,3 +87,18 @@ def test_config_error_fails_before_ray_starts(tmp_path):
     assert result.returncode != 0
     assert "train.lrr" in result.stderr
     assert "ray was imported" not in result.stderr
+
+
+def test_non_finite_loss_is_not_retried(ray_local, tiny_shards, tiny_config, tmp_path):
+    """A NaN loss is deterministic: it used to be retried max_failures times (RETRY, RETRY,
+    RAISE), failing the same way each time. Now every rank stops at the same check and the
+    run fails once, naming the step."""
+    from pipeline.train.context import TrainingError
+    from pipeline.train.trainer import train
+
+    cfg = tiny_config(tiny_shards, tmp_path, "run.num_workers=2", "run.max_failures=2",
+                      "run.name=nan", "debug.nan_at_step=4", "train.epochs=1")
+    with pytest.raises(TrainingError, match=r"non-finite loss at global step 4"):
+        train(cfg)
+    log = (run_dir_for(cfg) / "log.txt").read_text()
+    assert "[FailurePolicy] RETRY" not in log and "Destroying worker" not in log
