@@ -252,10 +252,17 @@ def train(
         return summarize(cfg)
     with DriverConsole(log_path, verbose=verbose):  # Ray's chatter: log.txt only
         init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else _local_cpus(cfg))
-        result = build_trainer(cfg).fit()
+        try:
+            result = build_trainer(cfg).fit()
+        except Exception as err:  # Ray's TrainingFailedError: pages of worker tracebacks
+            failure = err
+        else:
+            failure = result.error
     storage.push(["log.txt"])
-    if result.error is not None:
-        raise result.error
+    if failure is not None:
+        raise TrainingError(
+            f"{_last_error_line(failure)} (the whole story: {log_path})"
+        ) from failure
     if result.metrics and FATAL_KEY in result.metrics:  # deterministic: reported, not retried
         raise TrainingError(result.metrics[FATAL_KEY])
     storage.pull(only=[INDEX_FILE, "metrics.jsonl"])  # written by rank 0, maybe elsewhere
@@ -269,6 +276,19 @@ def train(
         summary.best_test_accuracy = float(result.metrics.get("best_test_accuracy", float("nan")))
         summary.last_images_per_s = float(result.metrics.get("images_per_s", 0.0))
     return summary
+
+
+def _last_error_line(error: BaseException) -> str:
+    """The worker's own error in one line, out of Ray's wrapped traceback text."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    errors = [
+        line
+        for line in lines
+        if ("Error" in line or "Exception" in line)
+        and ": " in line
+        and not line.startswith(("File ", "ray.train.", "Traceback"))
+    ]
+    return (errors[-1] if errors else (lines[0] if lines else type(error).__name__))[:500]
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
