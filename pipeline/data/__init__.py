@@ -9,7 +9,15 @@ from pipeline.data.info import (
     SplitInfo,
     load_dataset_info,
 )
-from pipeline.data.loader import LoaderStats, Pass, ShardLoader, make_loader, open_loader
+from pipeline.data.loader import (
+    LoaderStats,
+    Pass,
+    ShardLoader,
+    check_shards,
+    check_splits,
+    make_loader,
+    open_loader,
+)
 from pipeline.data.partition import PartitionError, plan_epoch
 from pipeline.data.shards import DATASETS, ShardsConfig, write_shards
 
@@ -26,6 +34,8 @@ __all__ = [
     "ShardLoader",
     "ShardsConfig",
     "SplitInfo",
+    "check_shards",
+    "check_splits",
     "load_dataset_info",
     "make_loader",
     "open_loader",

@@ -10,7 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from pipeline.schema import Bool, Int, Section, Str
+from pipeline.data.urls import DEFAULT_TIMEOUT_S
+from pipeline.schema import Bool, Float, Int, Section, Str
 
 
 class DataConfig(Section):
@@ -30,8 +31,14 @@ class DataConfig(Section):
     """Largest shift in pixels for `augment`."""
     on_error: Literal["skip", "raise"] = "skip"
     """Corrupt samples/shards: skip and count them, or stop."""
+    allow_partial_eval: Bool = False
+    """Report an epoch's test accuracy over the readable part of the eval split (a warning)
+    when some of it cannot be read; false: that is an error, naming what was unreadable."""
     verify_checksums: Bool = False
     """Check every shard's sha256 against dataset.json before training."""
+    url_timeout_s: Annotated[Float, Field(gt=0, le=3600)] = DEFAULT_TIMEOUT_S
+    """http(s) shards: seconds to wait to connect, for an answer or for the next byte before
+    the shard counts as unreadable (a silent server ends a read in about 1-2× this)."""
     pin_memory: Bool = False
     """Page-locked host batches (faster copies to a GPU)."""
     prefetch_factor: Annotated[Int, Field(ge=1)] = 4

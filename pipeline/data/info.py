@@ -5,10 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import reprlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from pathlib import PureWindowsPath
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.data import urls
+from pipeline.schema import Int, Str
 
 FORMAT = "capsnet-shards/1"
 INFO_NAME = "dataset.json"
@@ -102,29 +109,142 @@ class DatasetInfo:
         return json.dumps({"format": FORMAT, **data}, indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], base_url: str = "") -> DatasetInfo:
-        data = dict(data)
-        fmt = data.pop("format", None)
+    def from_dict(cls, data: Any, base_url: str = "", *, source: str | None = None) -> DatasetInfo:
+        """Build from parsed dataset.json; DataError naming `source` (the file) and the key of
+        every problem (missing, wrong type, unknown, a shard name outside the folder)."""
+        where = source or (f"{base_url.rstrip('/')}/{INFO_NAME}" if base_url else INFO_NAME)
+        if not isinstance(data, dict):
+            raise DataError(
+                f"{where}: expected a JSON object at the top level, got {type(data).__name__}"
+            )
+        fmt = data.get("format")
         if fmt != FORMAT:
-            raise DataError(f"unsupported dataset.json format {fmt!r} (expected {FORMAT!r})")
+            raise DataError(
+                f"{where}: unsupported dataset.json format {fmt!r} (expected {FORMAT!r})"
+            )
+        try:
+            file = DatasetFile.model_validate(data)
+        except ValidationError as err:
+            lines = _error_lines(err)
+            if len(lines) == 1:
+                raise DataError(f"{where}: {lines[0]}") from None
+            raise DataError(f"{where}: {len(lines)} problems:\n  " + "\n  ".join(lines)) from None
         splits = {
-            name: SplitInfo(s["num_samples"], tuple(ShardInfo(**sh) for sh in s["shards"]))
-            for name, s in data.pop("splits").items()
+            name: SplitInfo(
+                split.num_samples,
+                tuple(ShardInfo(**shard.model_dump()) for shard in split.shards),
+            )
+            for name, split in file.splits.items()
         }
-        return cls(
-            **{
-                **data,
-                "image_shape": tuple(data["image_shape"]),
-                "class_names": tuple(data.get("class_names", ())),
-                "extra_fields": tuple(data.get("extra_fields", ())),
-            },
-            splits=splits,
-            base_url=base_url,
+        try:
+            return cls(
+                name=file.name,
+                image_shape=tuple(file.image_shape),  # type: ignore[arg-type]
+                num_classes=file.num_classes,
+                label_kind=file.label_kind,
+                splits=splits,
+                class_names=tuple(file.class_names),
+                extra_fields=tuple(file.extra_fields),
+                seed=file.seed,
+                command=file.command,
+                source=file.source,
+                base_url=base_url,
+            )
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
+
+
+# --- the file format, validated -------------------------------------------------------------
+
+
+def _inside_folder(name: str) -> str:
+    """A shard name must stay inside the folder of dataset.json (no path or URL tricks)."""
+    if not name or "\0" in name:
+        raise ValueError("must be a non-empty file name")
+    if urlparse(name).scheme or PureWindowsPath(name).drive or name[0] in "/\\":
+        raise ValueError(
+            "must be a file name relative to the dataset folder, not an absolute path or URL"
         )
+    if ".." in re.split(r"[/\\]", name):
+        raise ValueError("must not leave the dataset folder ('..')")
+    return name
 
 
-def load_dataset_info(source: str | os.PathLike[str] | DatasetInfo) -> DatasetInfo:
-    """Read `dataset.json` from a shard directory, or from a path/URL naming the file itself."""
+_STRICT = ConfigDict(extra="forbid", strict=True)
+Count = Annotated[Int, Field(ge=0)]
+
+
+class ShardEntry(BaseModel):
+    """One entry of `splits.<name>.shards` in dataset.json."""
+
+    model_config = _STRICT
+    name: Annotated[Str, AfterValidator(_inside_folder)]
+    num_samples: Count
+    bytes: Count
+    sha256: Str
+
+
+class SplitEntry(BaseModel):
+    """`splits.<name>` in dataset.json."""
+
+    model_config = _STRICT
+    num_samples: Count
+    shards: list[ShardEntry]
+
+    @model_validator(mode="after")
+    def _counts_add_up(self) -> SplitEntry:
+        counted = sum(s.num_samples for s in self.shards)
+        if counted != self.num_samples:
+            raise ValueError(
+                f"num_samples is {self.num_samples} but its shards hold {counted} samples"
+            )
+        return self
+
+
+class DatasetFile(BaseModel):
+    """The format of dataset.json (`capsnet-shards/1`), checked before DatasetInfo is built."""
+
+    model_config = _STRICT
+    format: Literal["capsnet-shards/1"]
+    name: Annotated[Str, Field(min_length=1)]
+    image_shape: Annotated[list[Annotated[Int, Field(ge=1)]], Field(min_length=3, max_length=3)]
+    num_classes: Annotated[Int, Field(ge=2)]
+    label_kind: LabelKind
+    splits: dict[Str, SplitEntry]
+    class_names: list[Str] = []
+    extra_fields: list[Str] = []
+    seed: Int | None = None
+    command: Str | None = None
+    source: dict[Str, Any] = {}
+
+
+def _error_lines(err: ValidationError) -> list[str]:
+    """`dotted.key: what is wrong (got VALUE)`, one per problem, values shortened."""
+    lines = []
+    for e in err.errors(include_url=False):
+        key = ".".join(str(part) for part in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        given = e.get("input")
+        hidden = e["type"] in ("missing", "extra_forbidden") or isinstance(given, dict)
+        shown = "" if hidden else f" (got {_short(given)})"
+        lines.append(f"{key}: {msg}{shown}")
+    return lines
+
+
+_repr = reprlib.Repr()
+_repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 60, 60, 4, 4
+_short = _repr.repr
+
+
+def load_dataset_info(
+    source: str | os.PathLike[str] | DatasetInfo, *, timeout_s: float | None = None
+) -> DatasetInfo:
+    """Read `dataset.json` from a shard directory, or from a path/URL naming the file itself.
+
+    `timeout_s`: the http(s) time limit (`data.url_timeout_s`; default urls.DEFAULT_TIMEOUT_S).
+    """
     if isinstance(source, DatasetInfo):
         return source
     source = os.fspath(source)
@@ -140,20 +260,24 @@ def load_dataset_info(source: str | os.PathLike[str] | DatasetInfo) -> DatasetIn
             f"{source}: no such file; write shards with `capsnet shards --out DIR`"
         )
     try:
-        with urls.open_stream(source) as stream:
-            data = json.loads(stream.read())
+        with urls.open_stream(source, timeout_s=timeout_s) as stream:
+            text = stream.read()
+        data = json.loads(text)
+    except urls.TransferError as err:
+        error = MissingDataError if err.http_status == 404 else DataError
+        raise error(f"{err}; cannot read dataset info") from None
     except (OSError, ValueError) as err:
         if isinstance(err, DataError):
             raise
         raise DataError(f"{source}: cannot read dataset info ({err})") from err
-    return DatasetInfo.from_dict(data, base_url=urls.parent(source))
+    return DatasetInfo.from_dict(data, base_url=urls.parent(source), source=source)
 
 
-def sha256_of(stream_or_path: str) -> tuple[int, str]:
+def sha256_of(url: str, *, timeout_s: float | None = None) -> tuple[int, str]:
     """(byte count, sha256 hex digest) of a shard, streamed in 1 MiB pieces."""
     digest = hashlib.sha256()
     size = 0
-    with urls.open_stream(stream_or_path) as stream:
+    with urls.open_stream(url, timeout_s=timeout_s) as stream:
         while chunk := stream.read(urls.READ_BUFFER):
             digest.update(chunk)
             size += len(chunk)

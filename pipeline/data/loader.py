@@ -15,7 +15,7 @@ import logging
 import multiprocessing
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -28,6 +28,7 @@ from pipeline.data.augment import random_shift
 from pipeline.data.config import DataConfig
 from pipeline.data.info import (
     IMAGE_FIELD,
+    INFO_NAME,
     DataError,
     DatasetInfo,
     MissingDataError,
@@ -35,7 +36,7 @@ from pipeline.data.info import (
     sha256_of,
 )
 from pipeline.data.partition import PartitionError, ShardSlice, WorkerPlan, plan_epoch
-from pipeline.data.tario import TarFormatError, iter_samples
+from pipeline.data.tario import TarFormatError, bad_name, iter_samples
 
 log = logging.getLogger(__name__)
 Sample = tuple[bytes, Any]  # (raw image bytes, decoded label)
@@ -73,6 +74,7 @@ STAT_NAMES = (
     "skipped_bad_shape",
     "skipped_bad_label",
     "skipped_missing_field",
+    "skipped_bad_name",
     "lost_in_bad_shards",
     "bad_shards",
 )
@@ -90,8 +92,11 @@ class LoaderStats:
     skipped_bad_shape: int
     skipped_bad_label: int
     skipped_missing_field: int
+    skipped_bad_name: int
+    """Samples whose member names in the tar are not UTF-8."""
     lost_in_bad_shards: int
-    """Samples never read because their shard was truncated, corrupt or could not be opened."""
+    """Samples never read because their shard was truncated, corrupt, could not be opened or
+    downloaded (an HTTP error, a time-out)."""
     bad_shards: int
     """Shard slices whose reading failed."""
 
@@ -101,6 +106,7 @@ class LoaderStats:
             self.skipped_bad_shape
             + self.skipped_bad_label
             + self.skipped_missing_field
+            + self.skipped_bad_name
             + self.lost_in_bad_shards
         )
 
@@ -175,13 +181,14 @@ class ShardStream(IterableDataset):
             yield from self._read_slice(self.urls[piece.shard], piece)
 
     def _read_slice(self, url: str, piece: ShardSlice) -> Iterator[Sample]:
+        want = piece.stop - piece.start
         seen = 0
         try:
-            stream = urls.open_stream(url)
+            stream = urls.open_stream(url, timeout_s=self.data.url_timeout_s)
         except (OSError, ValueError) as err:
-            self._bad_shard(url, f"cannot open ({err})", piece.stop - piece.start)
+            self._bad_shard(url, f"cannot open ({err})", want)
             return
-        finished = False
+        problem: str | None = None
         try:
             for index, (key, sample_fields) in enumerate(iter_samples(urls.raw_reader(stream))):
                 if index < piece.start:
@@ -190,24 +197,39 @@ class ShardStream(IterableDataset):
                 sample = self._decode(url, key, sample_fields)
                 if sample is not None:
                     yield sample
-                if seen == piece.stop - piece.start:
+                if seen == want:
                     break
-            finished = True
         except (TarFormatError, OSError) as err:
-            self._bad_shard(url, str(err), piece.stop - piece.start - seen)
-        finally:
-            _close_quietly(stream, expect_clean=finished and seen == piece.stop - piece.start)
-        if finished and seen < piece.stop - piece.start:
-            self._bad_shard(
-                url,
-                f"holds fewer samples than dataset.json says (ended at {piece.start + seen})",
-                piece.stop - piece.start - seen,
-            )
+            problem = str(err)
+        except BaseException:
+            urls.close(stream)  # stopped early (or on_error=raise): that is the error to see
+            raise
+        # A failed download (HTTP error, time-out) ends the data early: it, not the tar parser's
+        # "truncated", says what went wrong. Once the slice is read, how the rest went is moot.
+        failure = urls.close(stream)
+        if seen == want and problem is None:
+            if failure is not None:
+                log.debug("ignored error closing %s after its slice: %s", url, failure)
+            return
+        if isinstance(failure, urls.TransferError):
+            problem = failure.problem
+        elif failure is not None:  # e.g. `aws s3 cp` found no such key: the pipe's exit status
+            problem = f"{failure}; {problem}" if problem else str(failure)
+        elif problem is None:
+            problem = f"holds fewer samples than dataset.json says (ended at {piece.start + seen})"
+        self._bad_shard(url, problem, want - seen)
 
     def _decode(self, url: str, key: str, sample_fields: dict[str, bytes]) -> Sample | None:
         image = sample_fields.get(IMAGE_FIELD)
         raw_label = sample_fields.get(self.info.label_field)
         problem = self._problem(image, raw_label, sample_fields)
+        # Names not UTF-8 (see tario.bad_name) mean a damaged or foreign header: skip the sample
+        # if they touch its key or a field it needs (isascii first: free for good names).
+        if (not key.isascii() and bad_name(key)) or (
+            problem is not None and any(bad_name(f) for f in sample_fields)
+        ):
+            names = [f"{key}.{f}".encode("utf-8", "surrogateescape") for f in sample_fields]
+            problem = "skipped_bad_name", f"member names not UTF-8: {names}"
         if problem is not None:
             self._bad_sample(*problem, url, key)
             return None
@@ -239,7 +261,8 @@ class ShardStream(IterableDataset):
         return None
 
     def _bad_sample(self, reason: str, detail: str, url: str, key: str) -> None:
-        message = f"{url}: sample {key!r}: {detail}"
+        shown = key.encode("utf-8", "surrogateescape") if bad_name(key) else key
+        message = f"{url}: sample {shown!r}: {detail}"
         if self.data.on_error == "raise":
             raise DataError(message)
         self.counters.add(reason)
@@ -327,17 +350,6 @@ def _shuffled(items: Iterator[Sample], size: int, rand: Any) -> Iterator[Sample]
     yield from buffer
 
 
-def _close_quietly(stream: Any, expect_clean: bool) -> None:
-    # Stopping a pipe early kills its writer with SIGPIPE; that exit status is no error.
-    try:
-        stream.close()
-    except Exception as err:
-        if expect_clean:
-            log.debug("ignored error closing %s: %s", stream, err)
-        else:
-            raise
-
-
 class ShardLoader:
     """Iterable of (images float32 [B,C,H,W] in [0,1], labels) for one rank and epoch."""
 
@@ -393,12 +405,14 @@ def make_loader(
     seed: int = 0,
     training: bool = True,
     verify_checksums: bool | None = None,
+    check_remote: bool = True,
     info: DatasetInfo | None = None,
 ) -> ShardLoader:
     """The loader for one rank of one split of `data.shards`; fails here, not mid-epoch, on
     missing data. `verify_checksums` overrides data.verify_checksums (e.g. only on the first
-    epoch); `info` saves re-reading dataset.json."""
-    info = info or load_dataset_info(data.shards)
+    epoch); `check_remote=False` skips probing http(s) shards (one request each; e.g. after
+    the first epoch); `info` saves re-reading dataset.json."""
+    info = info or load_dataset_info(data.shards, timeout_s=data.url_timeout_s)
     part = Pass(
         batch_size=batch_size,
         rank=rank,
@@ -408,7 +422,9 @@ def make_loader(
         training=training,
     )
     verify = data.verify_checksums if verify_checksums is None else verify_checksums
-    check_shards(info, split, verify_checksums=verify)
+    check_shards(
+        info, split, verify_checksums=verify, probe=check_remote, timeout_s=data.url_timeout_s
+    )
     loader = ShardLoader(info, split, data, part)
     try:
         len(loader)  # runs the partition, which rejects a split too small for the ranks
@@ -424,31 +440,138 @@ def open_loader(
     DatasetInfo, and the keywords are make_loader's (batch_size, rank, ...) or DataConfig
     fields (loader_workers defaults to 0 here: read in this process)."""
     info = source if isinstance(source, DatasetInfo) else None
-    per_call = {"batch_size", "rank", "world_size", "epoch", "seed", "training", "verify_checksums"}
+    per_call = {
+        "batch_size",
+        "rank",
+        "world_size",
+        "epoch",
+        "seed",
+        "training",
+        "verify_checksums",
+        "check_remote",
+    }
     call = {k: kwargs.pop(k) for k in per_call & set(kwargs)}
     kwargs.setdefault("loader_workers", 0)
     data = DataConfig(shards=info.base_url if info else os.fspath(source), **kwargs)
     return make_loader(data, split, info=info, **call)
 
 
-def check_shards(info: DatasetInfo, split: str, *, verify_checksums: bool = False) -> None:
-    """Every local shard of `split` exists (else one error naming all missing); optional sha256."""
-    shard_urls = info.shard_urls(split)
+def check_shards(
+    info: DatasetInfo,
+    split: str,
+    *,
+    verify_checksums: bool = False,
+    probe: bool = True,
+    timeout_s: float | None = None,
+) -> None:
+    """Every shard of `split` exists, else one MissingDataError listing all missing ones;
+    optionally their sha256. Local files are looked up, http(s) URLs probed (a 1-byte GET
+    each, all at once, under `timeout_s`) unless `probe` is False; s3:// and gs:// shards are
+    not probed (one CLI call per shard), so a missing one is only found when it is read."""
+    _check_shards(
+        info, [split], verify_checksums=verify_checksums, probe=probe, timeout_s=timeout_s
+    )
+
+
+_MAX_LISTED = 20
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
+
+
+def _check_shards(
+    info: DatasetInfo,
+    splits: Sequence[str],
+    *,
+    verify_checksums: bool,
+    probe: bool = True,
+    timeout_s: float | None,
+) -> None:
+    shards = {
+        url: shard
+        for split in splits
+        for url, shard in zip(info.shard_urls(split), info.split(split).shards, strict=True)
+    }
+    where = f"{info.name} split{'s' if len(splits) > 1 else ''} " + ", ".join(map(repr, splits))
+    unreachable = urls.probe_all(shards, timeout_s=timeout_s) if probe else {}
     missing = [
-        u for u in shard_urls if (p := urls.local_path(u)) is not None and not os.path.isfile(p)
+        f"{url} ({unreachable[url]})" if url in unreachable else url
+        for url in shards
+        if url in unreachable or ((p := urls.local_path(url)) is not None and not os.path.isfile(p))
     ]
     if missing:
-        raise MissingDataError(
-            f"{info.name} split {split!r}: missing shard(s): {', '.join(missing)}"
-        )
+        raise MissingDataError(f"{where}: missing or unreachable shard(s): {_listing(missing)}")
     if not verify_checksums:
         return
     bad = []
-    for url, shard in zip(shard_urls, info.split(split).shards, strict=True):
-        size, digest = sha256_of(url)
+    for url, shard in shards.items():
+        try:
+            size, digest = sha256_of(url, timeout_s=timeout_s)
+        except (OSError, ValueError) as err:
+            bad.append(f"{url} (unreadable: {err})")
+            continue
         if (size, digest) != (shard.bytes, shard.sha256):
             bad.append(
                 f"{url} ({size} bytes, sha256 {digest[:12]}…; expected {shard.bytes}, {shard.sha256[:12]}…)"
             )
     if bad:
-        raise DataError(f"{info.name} split {split!r}: checksum mismatch: " + "; ".join(bad))
+        raise DataError(f"{where}: checksum mismatch: {_listing(bad)}")
+
+
+def check_splits(
+    data: DataConfig,
+    info: DatasetInfo | None = None,
+    splits: tuple[str | None, str | None] | None = None,
+    *,
+    batch_size: int,
+    world_size: int = 1,
+    verify_checksums: bool | None = None,
+) -> DatasetInfo:
+    """Fail fast, before any worker starts, on data a run cannot use; returns the info.
+
+    `splits` is (train split, eval split), default (data.train_split, data.eval_split); None
+    skips one. Checks, each reporting every problem it finds at once: both splits exist
+    (DataError listing the available ones) and are non-empty; the train split gives every
+    one of `world_size` ranks at least one full batch of `batch_size`, the eval split at
+    least one sample per rank; every shard exists (MissingDataError; http(s) probed, see
+    check_shards); with `verify_checksums` (default data.verify_checksums), every shard's
+    size and sha256 match dataset.json. `info` saves re-reading data.shards.
+    """
+    info = info or load_dataset_info(data.shards, timeout_s=data.url_timeout_s)
+    train, evaluate = (data.train_split, data.eval_split) if splits is None else splits
+    roles = [
+        (s, k, t)
+        for s, k, t in ((train, "data.train_split", True), (evaluate, "data.eval_split", False))
+        if s
+    ]
+    source = f"{info.base_url}/{INFO_NAME}" if info.base_url else info.name
+    problems = []
+    for split, key, training in roles:
+        if split not in info.splits:
+            problems.append(
+                f"{key} is {split!r}, a split {source} does not have; "
+                f"available: {', '.join(sorted(info.splits)) or 'none'}"
+            )
+            continue
+        sizes = [s.num_samples for s in info.splits[split].shards]
+        if sum(sizes) == 0:
+            problems.append(f"{key}: split {split!r} of {source} is empty")
+            continue
+        try:
+            plan_epoch(
+                sizes,
+                batch_size=batch_size,
+                world_size=world_size,
+                num_workers=data.loader_workers,
+                training=training,
+            )
+        except PartitionError as err:
+            problems.append(f"{key}: split {split!r} (world_size={world_size}): {err}")
+    if problems:
+        raise DataError(problems[0] if len(problems) == 1 else "; ".join(problems))
+    verify = data.verify_checksums if verify_checksums is None else verify_checksums
+    names = list(dict.fromkeys(split for split, _, _ in roles))
+    _check_shards(info, names, verify_checksums=verify, timeout_s=data.url_timeout_s)
+    return info

@@ -20,6 +20,21 @@ class TarFormatError(ValueError):
     """The stream is not a complete, well-formed tar archive."""
 
 
+# Member names are UTF-8. Bytes that are not decode to lone surrogates (U+DC80-U+DCFF), as
+# os.fsdecode does, so one bad name never stops a whole shard: `bad_name` finds them, and the
+# loader skips such a sample as malformed.
+_NAMES = "surrogateescape"
+
+
+def bad_name(name: str) -> bool:
+    """True if `name` came from bytes that are not UTF-8 (see `iter_members`)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _octal(field: bytes) -> int:
     text = field.rstrip(b"\0 ").lstrip(b" ")
     if not text:
@@ -36,12 +51,15 @@ def _pax_path(data: bytes) -> str | None:
         _, _, keyval = record.partition(b" ")
         key, _, value = keyval.partition(b"=")
         if key == b"path":
-            return value.decode("utf-8")
+            return value.decode("utf-8", _NAMES)
     return None
 
 
 def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """Yield (name, data) for each regular file; raise TarFormatError if truncated/corrupt."""
+    """Yield (name, data) for each regular file; raise TarFormatError if truncated/corrupt.
+
+    A name whose bytes are not UTF-8 is yielded with surrogates in place of them: `bad_name`.
+    """
     read = stream.read
     pending_name: str | None = None
     while True:
@@ -63,12 +81,12 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             read(BLOCK - size % BLOCK)
         kind = header[156:157]
         if kind in _LONG_NAME:
-            pending_name = data.rstrip(b"\0").decode("utf-8")
+            pending_name = data.rstrip(b"\0").decode("utf-8", _NAMES)
         elif kind in _PAX:
             pending_name = _pax_path(data) or pending_name
         elif kind in _REGULAR:
             name = pending_name or (
-                header[:100].rstrip(b"\0").decode()  # fast path: no ustar prefix
+                header[:100].rstrip(b"\0").decode("utf-8", _NAMES)  # fast path: no prefix
                 if header[345] == 0 and header[99] == 0
                 else _ustar_name(header)
             )
@@ -81,7 +99,7 @@ def _ustar_name(header: bytes) -> str:
     prefix = header[345:500].split(b"\0", 1)[0]
     if prefix:
         name = prefix + b"/" + name
-    return name.decode("utf-8")
+    return name.decode("utf-8", _NAMES)
 
 
 def split_key(name: str) -> tuple[str, str]:

@@ -128,7 +128,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext) -> None:
     if storage is not None:
         storage.check()
         storage.pull()  # metrics, config, index, figures (and local runs' checkpoints)
-    info = load_dataset_info(cfg.data.shards)
+    info = load_dataset_info(cfg.data.shards, timeout_s=cfg.data.url_timeout_s)
     model = build_model(cfg.build_model_config(tuple(info.image_shape), info.num_classes))
     device = ctx.device
     state = TrainState.create(model, cfg.train, device)
@@ -184,7 +184,7 @@ def _run_epoch(
     stats = _train_epoch(state, cfg, info, epoch, ctx, first=first, log=log)
     result = evaluate(
         state.model,
-        _eval_loader(cfg, info, ctx),
+        _eval_loader(cfg, info, ctx, first),
         device,
         autocast_for(cfg.train.precision, device),
         ctx.distributed,
@@ -260,10 +260,11 @@ def _train_loader(
         seed=cfg.train.seed,
         training=True,
         verify_checksums=cfg.data.verify_checksums and first,
+        check_remote=first,  # probe http(s) shards once per session, not every epoch
     )
 
 
-def _eval_loader(cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext) -> ShardLoader:
+def _eval_loader(cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext, first: bool) -> ShardLoader:
     return make_loader(
         cfg.data,
         cfg.data.eval_split,
@@ -272,7 +273,8 @@ def _eval_loader(cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext) -> Shard
         rank=ctx.world_rank,
         world_size=ctx.world_size,
         training=False,
-        verify_checksums=False,
+        verify_checksums=cfg.data.verify_checksums and first,
+        check_remote=first,
     )
 
 

@@ -37,6 +37,7 @@ SAFE_TO_CHANGE = (
     "data.verify_checksums",
     "data.on_error",
     "data.allow_partial_eval",
+    "data.url_timeout_s",
     "debug.*",
 )
 """Dotted keys (fnmatch patterns) a resumed run may change: logging, fault tolerance and

@@ -183,10 +183,14 @@ def summarize(cfg: RunConfig) -> Summary:
 def dry_run(cfg: RunConfig, *, allow_config_change: bool = False) -> str:
     """What `capsnet train` would do with this config, checked as far as possible without Ray:
     the data, the storage, and the resume decision (a refusal raises as it would)."""
-    from pipeline.data import load_dataset_info
+    from pipeline.data import check_splits
 
     cfg = with_absolute_paths(cfg)
-    info = load_dataset_info(cfg.data.shards)
+    info = check_splits(
+        cfg.data,
+        batch_size=cfg.train.batch_size // cfg.run.num_workers,
+        world_size=cfg.run.num_workers,
+    )
     run_dir = run_dir_for(cfg)
     storage = RunStorage(cfg.run.storage_path, cfg.run.name, run_dir, ignore=RAY_ENTRIES)
     storage.check()
@@ -218,9 +222,15 @@ def train(
     Before anything starts: the data must be readable, and a run with checkpoints resumes
     only under the resume rules (pipeline/train/resume.py); a finished run trains nothing."""
     cfg = with_absolute_paths(cfg)
-    from pipeline.data import load_dataset_info
+    from pipeline.data import check_splits
 
-    load_dataset_info(cfg.data.shards)  # a missing/unreadable dataset fails before Ray starts
+    # Missing, empty or too-small splits, missing shards (and checksums, if asked): now, not
+    # after Ray has started and a whole training epoch has run.
+    check_splits(
+        cfg.data,
+        batch_size=cfg.train.batch_size // cfg.run.num_workers,
+        world_size=cfg.run.num_workers,
+    )
     run_dir = run_dir_for(cfg)
     # s3:// / gs://: the run's small files come from the bucket (which must exist: fail now)
     storage = RunStorage(cfg.run.storage_path, cfg.run.name, run_dir, ignore=RAY_ENTRIES)

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import DataError, MissingDataError, load_dataset_info, open_loader
+from pipeline.data import (
+    DataConfig,
+    DataError,
+    MissingDataError,
+    check_splits,
+    load_dataset_info,
+    open_loader,
+)
 from pipeline.data.augment import shift_images
 from pipeline.data.tario import TarWriter, iter_samples
 
@@ -256,3 +263,90 @@ def test_two_ranks_with_two_workers_each_finish_together(synthetic_dir):
         )
         counts.append((sum(1 for _ in loader), len(loader), loader.stats.batches))
     assert counts[0] == counts[1] and counts[0][0] == counts[0][1] == counts[0][2]
+
+
+def _rename_member(path, index: int, raw_name: bytes) -> None:
+    """Give member `index` of a shard written by TarWriter (2 blocks a member here) a raw name."""
+    data = bytearray(path.read_bytes())
+    at = index * 2 * 512
+    header = data[at : at + 512]
+    header[0:100] = raw_name.ljust(100, b"\0")
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header)
+    data[at : at + 512] = header
+    path.write_bytes(bytes(data))
+
+
+def test_member_names_not_utf8_are_bad_samples_not_a_crash(synthetic_copy, layout):
+    path = synthetic_copy / "test-000001.tar"
+    with open(path, "rb") as f:
+        keys = [key for key, _ in iter_samples(f)]
+    bad_key = b"\xff" + keys[7][1:].encode()
+    _rename_member(path, 2 * 7, bad_key + b".img.u8")  # both members of sample 7: its key
+    _rename_member(path, 2 * 7 + 1, bad_key + b".cls")
+    _rename_member(path, 2 * 9 + 1, keys[9].encode() + b".cl\xe9")  # sample 9's label field
+    for workers in (0, 2):
+        loader = open_loader(
+            synthetic_copy, "test", batch_size=64, training=False, loader_workers=workers
+        )
+        assert sum(len(y) for _, y in loader) == layout["test"] - 2
+        stats = loader.stats
+        assert stats.skipped_bad_name == stats.samples_skipped == 2 and stats.bad_shards == 0
+    with pytest.raises(DataError, match=r"test-000001\.tar: sample b'\\xff.*not UTF-8"):
+        list(open_loader(synthetic_copy, "test", batch_size=64, training=False, on_error="raise"))
+
+
+# --- check_splits: everything a run reads, checked before it starts -------------------------
+
+
+def test_check_splits_passes_and_returns_the_info(synthetic_dir):
+    data = DataConfig(shards=str(synthetic_dir), verify_checksums=True)
+    info = check_splits(data, batch_size=64, world_size=2)
+    assert info == load_dataset_info(synthetic_dir)
+    assert check_splits(data, info, ("test", "train"), batch_size=8, world_size=4) is info
+
+
+def test_check_splits_names_a_missing_split_and_the_available_ones(synthetic_dir):
+    data = DataConfig(shards=str(synthetic_dir), eval_split="validation")
+    with pytest.raises(DataError) as err:
+        check_splits(data, batch_size=8, world_size=2)
+    message = str(err.value)
+    assert "data.eval_split is 'validation'" in message and "available: test, train" in message
+    assert "dataset.json" in message and "fewer ranks" not in message
+    check_splits(data, splits=("train", None), batch_size=8)  # None: not checked
+
+
+def test_check_splits_rejects_splits_too_small_for_the_ranks(synthetic_dir, layout):
+    data = DataConfig(shards=str(synthetic_dir))
+    with pytest.raises(DataError) as err:
+        check_splits(data, batch_size=layout["train"] // 2, world_size=3)
+    assert "data.train_split: split 'train'" in str(err.value)
+    assert "one full batch" in str(err.value) and "data.eval_split" not in str(err.value)
+    with pytest.raises(DataError, match=r"data\.eval_split: split 'test'.*at least one sample"):
+        check_splits(data, batch_size=1, world_size=layout["test"] + 1, splits=(None, "test"))
+
+
+def test_check_splits_rejects_an_empty_split(synthetic_copy):
+    path = synthetic_copy / "dataset.json"
+    raw = json.loads(path.read_text())
+    raw["splits"]["empty"] = {"num_samples": 0, "shards": []}
+    path.write_text(json.dumps(raw))
+    data = DataConfig(shards=str(synthetic_copy), eval_split="empty")
+    with pytest.raises(DataError, match=r"data\.eval_split: split 'empty' .* is empty"):
+        check_splits(data, batch_size=8)
+
+
+def test_check_splits_checks_shards_and_checksums_of_every_split(synthetic_copy):
+    for name in ("train-000003.tar", "test-000002.tar"):
+        path = synthetic_copy / name
+        data = bytearray(path.read_bytes())
+        data[600] ^= 0xFF  # a pixel: invisible to the tar parser
+        path.write_bytes(bytes(data))
+    config = DataConfig(shards=str(synthetic_copy))
+    check_splits(config, batch_size=8)  # checksums only on request
+    with pytest.raises(DataError, match=r"checksum.*train-000003\.tar.*test-000002\.tar"):
+        check_splits(config.model_copy(update={"verify_checksums": True}), batch_size=8)
+    (synthetic_copy / "train-000001.tar").unlink()
+    (synthetic_copy / "test-000000.tar").unlink()
+    with pytest.raises(MissingDataError, match=r"train-000001\.tar.*test-000000\.tar"):
+        check_splits(config, batch_size=8)

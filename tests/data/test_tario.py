@@ -10,6 +10,7 @@ import pytest
 from pipeline.data.tario import (
     TarFormatError,
     TarWriter,
+    bad_name,
     iter_members,
     iter_samples,
     split_key,
@@ -74,3 +75,22 @@ def test_garbage_header_raises():
 def test_keys_with_dots_are_rejected():
     with pytest.raises(ValueError, match="must not contain"):
         TarWriter(io.BytesIO()).write("a.b", {"cls": b"1"})
+
+
+def _renamed(member: bytes, raw_name: bytes) -> bytes:
+    """`member` (a header block) with its name replaced by raw bytes, checksum redone."""
+    header = bytearray(member[:512])
+    header[0:100] = raw_name.ljust(100, b"\0")
+    header[148:156] = b"        "
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + member[512:]
+
+
+def test_names_that_are_not_utf8_do_not_stop_the_reader():
+    data = _tarfile_bytes(MEMBERS)
+    bad = _renamed(data[:1536], b"0000\xff0001.img.u8") + data[1536:]  # first member's name
+    members = list(iter_members(io.BytesIO(bad)))
+    assert len(members) == len(MEMBERS) and members[1:] == MEMBERS[1:]
+    assert bad_name(members[0][0]) and not bad_name(members[1][0])
+    assert members[0][0].encode("utf-8", "surrogateescape") == b"0000\xff0001.img.u8"
+    assert [key for key, _ in iter_samples(io.BytesIO(bad))][1:] == ["000000001", "000000002"]

@@ -220,8 +220,15 @@ def test_train_print_config_and_dry_run(tiny_shards, tmp_path, capsys):
 
     from pipeline.cli import main
 
-    args = ["train", "--set", "model.preset=tiny", "--set", f"data.shards={tiny_shards}",
-            "--set", f"run.storage_path={tmp_path}"]
+    args = [
+        "train",
+        "--set",
+        "model.preset=tiny",
+        "--set",
+        f"data.shards={tiny_shards}",
+        "--set",
+        f"run.storage_path={tmp_path}",
+    ]
     assert main([*args, "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"] == {"type": "capsnet", "preset": "tiny"}

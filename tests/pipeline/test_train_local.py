@@ -304,8 +304,9 @@ def test_truncated_newest_checkpoint_falls_back_to_an_older_one(
     assert [r["epoch"] for r in metrics_of(longer)] == [1, 2, 3]  # epoch 2 trained again
 
 
-def test_partial_per_epoch_evaluation_is_an_error_unless_allowed(tiny_shards, tiny_config,
-                                                                 tmp_path, capsys):
+def test_partial_per_epoch_evaluation_is_an_error_unless_allowed(
+    tiny_shards, tiny_config, tmp_path, capsys
+):
     """It used to report the accuracy of whatever eval samples were readable as the epoch's."""
     import shutil
 

@@ -96,8 +96,15 @@ def test_non_finite_loss_is_not_retried(ray_local, tiny_shards, tiny_config, tmp
     from pipeline.train.context import TrainingError
     from pipeline.train.trainer import train
 
-    cfg = tiny_config(tiny_shards, tmp_path, "run.num_workers=2", "run.max_failures=2",
-                      "run.name=nan", "debug.nan_at_step=4", "train.epochs=1")
+    cfg = tiny_config(
+        tiny_shards,
+        tmp_path,
+        "run.num_workers=2",
+        "run.max_failures=2",
+        "run.name=nan",
+        "debug.nan_at_step=4",
+        "train.epochs=1",
+    )
     with pytest.raises(TrainingError, match=r"non-finite loss at global step 4"):
         train(cfg)
     log = (run_dir_for(cfg) / "log.txt").read_text()
