@@ -32,6 +32,8 @@ from pipeline.data.info import (
 from pipeline.data.tario import TarWriter
 
 SHARD_PATTERN = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
+MAX_IMAGE_SIZE = 1024
+MAX_CHANNELS = 16
 TAKE_CHUNK = 1024  # samples rendered per `take` call: bounds memory of the generators
 
 Reads = Literal["idx", "torchvision", "nothing"]
@@ -210,6 +212,15 @@ class ShardsConfig:
                 raise DataError(f"{key} must be >= 1, got {value}")
         if self.image_size < 4 or self.channels < 1 or self.num_classes < 2:
             raise DataError("synthetic needs image_size >= 4, channels >= 1, num_classes >= 2")
+        # Generous for capsule networks (the paper's largest input is 40x40), small enough that
+        # a typo (--image-size 100000) is an error, not an attempt to allocate 149 GiB.
+        if self.image_size > MAX_IMAGE_SIZE or self.channels > MAX_CHANNELS:
+            raise DataError(
+                f"synthetic: --image-size must be <= {MAX_IMAGE_SIZE} and --channels <= "
+                f"{MAX_CHANNELS}, got {self.image_size} and {self.channels}"
+            )
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise DataError(f"--out {self.out} is a file; give a folder (new or holding shards)")
         if self.pairs_per_digit < 1:
             raise DataError(f"pairs_per_digit must be >= 1, got {self.pairs_per_digit}")
         if spec.needs_data_dir and not self.data_dir:

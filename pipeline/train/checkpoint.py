@@ -22,6 +22,10 @@ from pipeline.torch_utils import unwrap
 from pipeline.train.context import CHECKPOINT_FILE
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and why."""
+
+
 @dataclass
 class TrainState:
     """Everything that changes while training, and what a resume must restore."""
@@ -117,7 +121,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, empty, not a torch file, or unsafe to unpickle
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no details'})"
+        ) from None
+    keys = ("model", "model_kind", "model_config", "next_epoch")
+    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else list(keys)
+    if missing:
+        raise CheckpointError(f"{path}: not a capsnet checkpoint (missing {missing})")
+    return ckpt
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:

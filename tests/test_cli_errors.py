@@ -1,0 +1,48 @@
+"""Errors a person can read: one `error:` line and exit status 2, never a raw traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"PK\x03\x04" + b"\x00" * 40])
+def test_corrupt_checkpoint(tmp_path, capsys, content):
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(content)
+    code, err = run(capsys, "eval", "--checkpoint", str(ckpt), "--shards", str(tmp_path))
+    assert code == 2 and "not a readable checkpoint" in err and str(ckpt) in err
+    assert "Traceback" not in err
+
+
+def test_shards_out_is_a_file(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    code, err = run(capsys, "shards", "--dataset", "synthetic", "--out", str(target),
+                    "--no-progress")
+    assert code == 2 and "is a file" in err
+
+
+def test_absurd_image_size_is_refused_before_allocating(tmp_path, capsys):
+    code, err = run(capsys, "shards", "--dataset", "synthetic", "--out", str(tmp_path / "s"),
+                    "--image-size", "100000", "--no-progress")
+    assert code == 2 and "--image-size must be <= 1024" in err
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {lr: [1e-3\n")
+    code, err = run(capsys, "train", "--config", str(bad))
+    assert code == 2 and "bad.yaml" in err and "line" in err and "<unicode string>" not in err
+
+
+def test_run_name_cannot_leave_storage(capsys):
+    code, err = run(capsys, "train", "--set", "run.name=..", "--dry-run")
+    assert code == 2 and "run.name" in err
