@@ -25,14 +25,24 @@ def test_corrupt_checkpoint(tmp_path, capsys, content):
 def test_shards_out_is_a_file(tmp_path, capsys):
     target = tmp_path / "file"
     target.write_text("x")
-    code, err = run(capsys, "shards", "--dataset", "synthetic", "--out", str(target),
-                    "--no-progress")
+    code, err = run(
+        capsys, "shards", "--dataset", "synthetic", "--out", str(target), "--no-progress"
+    )
     assert code == 2 and "is a file" in err
 
 
 def test_absurd_image_size_is_refused_before_allocating(tmp_path, capsys):
-    code, err = run(capsys, "shards", "--dataset", "synthetic", "--out", str(tmp_path / "s"),
-                    "--image-size", "100000", "--no-progress")
+    code, err = run(
+        capsys,
+        "shards",
+        "--dataset",
+        "synthetic",
+        "--out",
+        str(tmp_path / "s"),
+        "--image-size",
+        "100000",
+        "--no-progress",
+    )
     assert code == 2 and "--image-size must be <= 1024" in err
 
 
