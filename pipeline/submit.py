@@ -98,6 +98,34 @@ def resolve_address(cli_value: str | None, env: dict[str, str]) -> str:
     return address
 
 
+def check_token_transport(address: str, env: dict[str, str], *, allow: bool = False) -> None:
+    """The Ray token travels in a header of every Jobs API request: refuse plain http to a
+    host that is not this machine (anyone on the path could read it), unless allowed."""
+    import ipaddress
+    import urllib.parse
+
+    token = env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") or _default_token(env)
+    url = urllib.parse.urlsplit(address)
+    host = url.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not token or url.scheme == "https" or loopback or allow:
+        return
+    raise SubmitError(
+        f"{address} is plain http to another host: the Ray auth token would cross the network "
+        "unencrypted. Reach the Jobs API through a tunnel (e.g. `ray dashboard cluster/aws.yaml`"
+        ", or `kubectl port-forward`, then --address http://127.0.0.1:8265), use https, or pass "
+        "--allow-plain-http if this network is trusted"
+    )
+
+
+def _default_token(env: dict[str, str]) -> str | None:
+    path = Path(env.get("HOME", "~")).expanduser() / ".ray" / "auth_token"
+    return str(path) if path.is_file() else None
+
+
 def auth_env(env: dict[str, str]) -> dict[str, str]:
     """The environment for `ray job submit`: token auth switched on when a token is given.
 
@@ -282,6 +310,7 @@ def submit(args: argparse.Namespace) -> int:
         print(shlex.join(submit_command(args, address, run_name)))
         return 0
     address = resolve_address(args.address, env)
+    check_token_transport(address, env, allow=args.allow_plain_http)
     check_reachable(address, env, args.timeout)
     cmd = submit_command(args, address, run_name)
     env.pop("RAY_ADDRESS", None)  # --address is explicit; a stale ray:// value would confuse ray

@@ -68,4 +68,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--timeout", type=float, default=10.0, help="seconds to wait for the cluster to answer"
     )
+    p.add_argument(
+        "--allow-plain-http",
+        action="store_true",
+        help="send the Ray token over plain http to a non-loopback address (a trusted network "
+        "only; a tunnel is the documented way)",
+    )
     p.set_defaults(func=submit)

@@ -8,6 +8,7 @@ Ray cannot be installed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -19,6 +20,13 @@ import torch
 CHECKPOINT_FILE = "checkpoint.pt"
 FATAL_KEY = "capsnet_fatal"
 """Metric key of a deterministic failure reported as a run's last result (not retried)."""
+
+
+def staging_prefix(run_dir: Path) -> str:
+    """Temp-folder prefix of one run's checkpoint staging, so that a rerun can find and remove
+    what a kill left behind without touching another run's (co-tenants share /tmp)."""
+    digest = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+    return f"capsnet-ckpt-{digest}-"
 
 
 class TrainingError(RuntimeError):
@@ -47,9 +55,22 @@ class WorkerContext:
         """The checkpoint.pt the runtime says to resume from, if any."""
         raise NotImplementedError
 
-    def checkpoint_folder(self, name: str) -> Path:
-        """Where rank 0 writes the checkpoint `name` before reporting it."""
+    def checkpoint_folder(self, name: str, run_dir: Path) -> Path:
+        """Where rank 0 writes the checkpoint `name` of the run in `run_dir` before reporting
+        it."""
         raise NotImplementedError
+
+    def clean_stale(self, run_dir: Path) -> list[Path]:
+        """Remove what a killed earlier attempt of this run left half-written (a
+        checkpoint.pt.tmp; staging folders): rank 0, before training."""
+        stale = list(run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}.tmp"))
+        stale += Path(tempfile.gettempdir()).glob(f"{staging_prefix(run_dir)}*")
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return stale
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         """Publish one epoch's metrics (all ranks call this; rank 0 passes the checkpoint
@@ -76,8 +97,8 @@ class LocalContext(WorkerContext):
     def latest_checkpoint(self) -> Path | None:
         return None  # the loop finds the newest checkpoint in the run folder itself
 
-    def checkpoint_folder(self, name: str) -> Path:
-        return self.run_dir / name
+    def checkpoint_folder(self, name: str, run_dir: Path) -> Path:
+        return run_dir / name
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         pass  # metrics.jsonl and TensorBoard are written by the loop; the checkpoint is in place
@@ -123,8 +144,8 @@ class RayContext(WorkerContext):
         checkpoint.to_directory(str(local))
         return local / CHECKPOINT_FILE
 
-    def checkpoint_folder(self, name: str) -> Path:
-        return Path(tempfile.mkdtemp(prefix="capsnet-ckpt-")) / name
+    def checkpoint_folder(self, name: str, run_dir: Path) -> Path:
+        return Path(tempfile.mkdtemp(prefix=staging_prefix(run_dir))) / name
 
     def report(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         if checkpoint is None:

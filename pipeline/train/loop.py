@@ -124,6 +124,11 @@ def _train(cfg: RunConfig, ctx: WorkerContext) -> None:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
 
+    if rank0:
+        for path in ctx.clean_stale(run_dir):
+            print(
+                f"[capsnet] removed {path}, left by an earlier attempt that was killed", flush=True
+            )
     storage = _storage(cfg, run_dir, ctx) if rank0 else None
     if storage is not None:
         storage.check()
@@ -213,7 +218,7 @@ def _run_epoch(
     folder = None
     if rank0:
         if _checkpoint_due(cfg, epoch):
-            folder = ctx.checkpoint_folder(checkpoint_name(epoch + 1))
+            folder = ctx.checkpoint_folder(checkpoint_name(epoch + 1), run_dir)
             state.save(folder, run_config=cfg.to_dict(), metrics=metrics)
         _figures(unwrap(state.model), cfg, info, device, run_dir)
         log.image("reconstructions", run_dir / "reconstructions.png", epoch + 1)

@@ -203,3 +203,26 @@ def test_pip_deps_ships_the_project_dependencies_but_not_ray(capsys):
     pip = json.loads(cmd[cmd.index("--runtime-env-json") + 1])["pip"]
     assert any(p.startswith("webdataset") for p in pip) and any(p.startswith("torch") for p in pip)
     assert not any(p.startswith("ray") for p in pip)
+
+
+@pytest.mark.parametrize(
+    "address, ok",
+    [
+        ("http://127.0.0.1:8265", True),
+        ("http://localhost:8265", True),
+        ("https://ray.example.org:8265", True),
+        ("http://10.0.0.5:8265", False),
+        ("http://ray.example.org:8265", False),
+    ],
+)
+def test_token_never_goes_over_plain_http_to_another_host(address, ok):
+    from pipeline.submit import check_token_transport
+
+    env = {"RAY_AUTH_TOKEN": "s3cr3t", "HOME": "/nonexistent"}
+    if ok:
+        check_token_transport(address, env)
+    else:
+        with pytest.raises(SubmitError, match="tunnel"):
+            check_token_transport(address, env)
+        check_token_transport(address, env, allow=True)  # an explicit, trusted-network choice
+    check_token_transport(address, {"HOME": "/nonexistent"})  # no token: nothing to leak

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -324,3 +325,25 @@ def test_partial_per_epoch_evaluation_is_an_error_unless_allowed(
     row = metrics_of(allowed)[0]
     assert row["test_samples"] < row["test_samples_expected"] == 80
     assert "warning: epoch 1" in capsys.readouterr().out
+
+
+def test_a_kill_mid_checkpoint_leaves_nothing_behind_after_the_rerun(tiny_shards, tiny_config,
+                                                                     tmp_path, capsys):
+    """A kill during the checkpoint write used to leave checkpoint.pt.tmp and staging folders
+    (~100 MB each for the paper model) for good."""
+    import tempfile
+
+    from pipeline.train.context import staging_prefix
+
+    cfg = tiny_config(tiny_shards, tmp_path, "train.epochs=1")
+    train(cfg, local=True)
+    run_dir = run_dir_for(cfg)
+    half = run_dir / "checkpoint_epoch-0002" / "checkpoint.pt.tmp"
+    half.parent.mkdir()
+    half.write_bytes(b"half a checkpoint")
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(run_dir)))
+    (staging / "checkpoint_epoch-0002").mkdir()
+    train(tiny_config(tiny_shards, tmp_path, "train.epochs=2"), local=True)
+    assert not half.exists() and not staging.exists()
+    assert "left by an earlier attempt" in capsys.readouterr().out
+    assert [r["epoch"] for r in metrics_of(cfg)] == [1, 2]
