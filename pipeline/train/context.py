@@ -9,6 +9,7 @@ Ray cannot be installed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -31,6 +32,21 @@ def staging_prefix(run_dir: Path) -> str:
 
 class TrainingError(RuntimeError):
     """A run failed in a way a retry cannot fix (e.g. a non-finite loss)."""
+
+
+FATAL_FILE = "fatal.json"
+"""In the run folder: the deterministic error that ended the run's last attempt."""
+
+
+def write_fatal(run_dir: Path, error: Exception) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"error": f"{type(error).__name__}: {error}"})
+    (run_dir / FATAL_FILE).write_text(text + "\n")
+
+
+def read_fatal(run_dir: Path) -> str | None:
+    path = run_dir / FATAL_FILE
+    return json.loads(path.read_text())["error"] if path.is_file() else None
 
 
 class WorkerContext:
@@ -165,8 +181,9 @@ class RayContext(WorkerContext):
         pass  # CheckpointConfig(num_to_keep) applies the same rule to Ray's copies
 
     def fail(self, error: Exception) -> None:
-        # Returning normally with the error as the last report: a raised error would be a
-        # worker failure, which Ray retries up to max_failures times, failing the same way.
+        # Returning normally (rank 0 has written fatal.json for the driver): a raised error
+        # would be a worker failure, which Ray retries up to max_failures times, failing the
+        # same way. The report tells Tune, whose trial result is the last report.
         self._train.report({FATAL_KEY: f"{type(error).__name__}: {error}"})
 
 

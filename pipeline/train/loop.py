@@ -36,6 +36,7 @@ from pipeline.train.context import (
     TrainingError,
     WorkerContext,
     limit_threads_to_env,
+    write_fatal,
 )
 from pipeline.train.outputs import RunLog
 from pipeline.train.storage import RAY_ENTRIES, RunStorage
@@ -107,14 +108,11 @@ def run_dir_for(cfg: RunConfig) -> Path:
 def train_loop(config: dict[str, Any], context: WorkerContext | None = None) -> None:
     """Train one run. `config` is RunConfig.to_dict(); `context` defaults to Ray's.
 
-    A non-finite loss is deterministic: retrying from the last checkpoint would fail the same
-    way. All ranks detect it together and report it as the run's result (`capsnet_fatal`),
-    which the driver raises, instead of failing the workers (which Ray would retry)."""
-    ctx = context or RayContext()
-    try:
-        _train(parse_run_config(config), ctx)
-    except (NonFiniteLossError, IncompleteEvaluationError) as err:  # the same on every rank
-        ctx.fail(err)
+    A non-finite loss or an incomplete evaluation is deterministic: retrying from the last
+    checkpoint would fail the same way. All ranks detect it at the same point; rank 0 writes
+    it to the run folder's `fatal.json` (which the driver raises) and every rank ends
+    normally, instead of failing the workers (which Ray would retry max_failures times)."""
+    _train(parse_run_config(config), context or RayContext())
 
 
 def _train(cfg: RunConfig, ctx: WorkerContext) -> None:
@@ -162,6 +160,14 @@ def _train(cfg: RunConfig, ctx: WorkerContext) -> None:
     try:
         for epoch in range(start, cfg.train.epochs):
             _run_epoch(state, cfg, info, epoch, ctx, log, storage, run_dir, first=epoch == start)
+    except (NonFiniteLossError, IncompleteEvaluationError) as err:  # the same on every rank
+        log.close()
+        if rank0:
+            write_fatal(run_dir, err)
+        if storage is not None:
+            storage.push()
+        ctx.fail(err)
+        return
     except BaseException:
         log.close()
         if storage is not None:

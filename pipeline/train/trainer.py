@@ -13,7 +13,13 @@ from typing import Any
 from pipeline.config import RunConfig, absolute_path
 from pipeline.train.checkpoint import INDEX_FILE, CheckpointIndex
 from pipeline.train.console import DriverConsole, LocalConsole
-from pipeline.train.context import CHECKPOINT_FILE, FATAL_KEY, LocalContext, TrainingError
+from pipeline.train.context import (
+    CHECKPOINT_FILE,
+    FATAL_FILE,
+    LocalContext,
+    TrainingError,
+    read_fatal,
+)
 from pipeline.train.loop import run_dir_for, train_loop
 from pipeline.train.outputs import read_metrics
 from pipeline.train.resume import CONFIG_FILE, check_resume, plan_resume, write_config
@@ -248,6 +254,8 @@ def train(
         )
         return summarize(cfg)
     write_config(cfg, run_dir)
+    (run_dir / FATAL_FILE).unlink(missing_ok=True)  # a new attempt
+    storage.remove(FATAL_FILE)
     storage.push([CONFIG_FILE], strict=True)  # rank 0, maybe on another node, pulls it
     print(
         f"[capsnet] run {cfg.run.name}: {plan.state} ({plan.epochs_done} epochs done); "
@@ -273,8 +281,10 @@ def train(
         raise TrainingError(
             f"{_last_error_line(failure)} (the whole story: {log_path})"
         ) from failure
-    if result.metrics and FATAL_KEY in result.metrics:  # deterministic: reported, not retried
-        raise TrainingError(result.metrics[FATAL_KEY])
+    storage.pull(only=[FATAL_FILE])
+    fatal = read_fatal(run_dir)
+    if fatal:  # deterministic: rank 0 wrote it, and the workers ended without a retry
+        raise TrainingError(f"{fatal} (log: {log_path})")
     storage.pull(only=[INDEX_FILE, "metrics.jsonl"])  # written by rank 0, maybe elsewhere
     summary = summarize(cfg)
     if storage.remote:
