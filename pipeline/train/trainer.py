@@ -136,8 +136,11 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
                 return False
             return True
 
+    import ray._private.ray_constants as ray_constants
+
     key = "RAY_API_SERVER_ADDRESS"
-    previous = os.environ.get(key)
+    previous = {k: os.environ.get(k) for k in (key, _SINGLE_NODE)}
+    cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
     for attempt in range(3):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -145,6 +148,13 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
         # Only for the processes ray.init starts: restored below, so that a later Ray
         # instance in this process never inherits an address that is gone (or someone else's).
         os.environ[key] = f"http://127.0.0.1:{port}"
+        # Ray's single-machine mode (its default on macOS/Windows): the node's address is
+        # 127.0.0.1, so the GCS, raylet, workers, agents and metrics bind to loopback instead
+        # of every interface (Ray ignores _node_ip_address="127.0.0.1" otherwise and picks
+        # the routable address). The started processes read the variable; this one the
+        # constant.
+        os.environ[_SINGLE_NODE] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
         try:
             # address="local": always a fresh embedded instance, never whatever cluster another
             # `ray start` left on this machine (that is what RAY_ADDRESS is for). Loopback only.
@@ -163,10 +173,16 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
             if attempt == 2 or port_is_free(port):  # not a lost race for the port: a real error
                 raise
         finally:
-            if previous is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = previous
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+_SINGLE_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch for its single-machine mode (everything on 127.0.0.1); "0" turns it on."""
 
 
 def summarize(cfg: RunConfig) -> Summary:
