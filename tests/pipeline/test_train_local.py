@@ -347,3 +347,13 @@ def test_a_kill_mid_checkpoint_leaves_nothing_behind_after_the_rerun(tiny_shards
     assert not half.exists() and not staging.exists()
     assert "left by an earlier attempt" in capsys.readouterr().out
     assert [r["epoch"] for r in metrics_of(cfg)] == [1, 2]
+
+
+def test_missing_eval_split_fails_before_training(tiny_shards, tiny_config, tmp_path):
+    """It used to fail only after a whole training epoch, advising fewer ranks."""
+    from pipeline.data import DataError
+
+    cfg = tiny_config(tiny_shards, tmp_path, "data.eval_split=val")
+    with pytest.raises(DataError, match=r"data\.eval_split.*'val'.*available: test, train"):
+        train(cfg, local=True)
+    assert not run_dir_for(cfg).exists()  # nothing started
