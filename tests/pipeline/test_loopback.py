@@ -57,8 +57,11 @@ def test_embedded_ray_listens_on_loopback_only():
         ray.get(ping.remote())  # a worker process, with its own server socket
         sockets = listening(descendants(os.getpid()))
         assert sockets, "found no listening socket of this Ray instance"
-        exposed = [(addr, pid) for addr, pid in sockets
-                   if not addr.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:"))]
+        exposed = [
+            (addr, pid)
+            for addr, pid in sockets
+            if not addr.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:"))
+        ]
         assert not exposed, f"listening beyond loopback: {exposed}"
     finally:
         ray.shutdown()

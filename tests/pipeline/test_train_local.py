@@ -327,8 +327,9 @@ def test_partial_per_epoch_evaluation_is_an_error_unless_allowed(
     assert "warning: epoch 1" in capsys.readouterr().out
 
 
-def test_a_kill_mid_checkpoint_leaves_nothing_behind_after_the_rerun(tiny_shards, tiny_config,
-                                                                     tmp_path, capsys):
+def test_a_kill_mid_checkpoint_leaves_nothing_behind_after_the_rerun(
+    tiny_shards, tiny_config, tmp_path, capsys
+):
     """A kill during the checkpoint write used to leave checkpoint.pt.tmp and staging folders
     (~100 MB each for the paper model) for good."""
     import tempfile
