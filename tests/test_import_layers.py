@@ -18,7 +18,7 @@ LAYERS = [  # (rank, module prefixes)
     (0, ("capscore",)),
     (1, ("pipeline.schema", "pipeline.torch_utils", "pipeline.figures")),
     (2, ("pipeline.data",)),
-    (3, ("pipeline.config", "pipeline.evaluate")),
+    (3, ("pipeline.config", "pipeline.evaluate", "pipeline.report")),
     (4, ("pipeline.train",)),
     (5, ("pipeline.tune", "pipeline.submit")),
     (6, ("pipeline.commands",)),
