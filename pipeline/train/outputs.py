@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.schema import flatten
+
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 """`run.report_to` choices; wandb and mlflow are optional installs (extra `trackers`)."""
 
@@ -56,7 +58,7 @@ class RunLog:
                 uri = (run_dir / "mlruns").as_uri()
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             self._mlflow = setup_mlflow(
-                config=_flat(config or {}),
+                config=flatten(config or {}),
                 tracking_uri=uri,
                 experiment_name="capsnet",
                 run_name=name,
@@ -142,16 +144,6 @@ def _tracker_id(name: str, run_dir: Path) -> str:
     """A stable id per run (name + folder), so a resumed run continues its tracker run."""
     digest = hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]
     return f"{name}-{digest}"
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

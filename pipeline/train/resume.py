@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.schema import flatten
 from pipeline.train.checkpoint import CheckpointIndex
 
 CONFIG_FILE = "config.yaml"
@@ -52,16 +53,6 @@ class ResumePlan:
     """The config the run's checkpoints were trained with (empty for a fresh run)."""
     diff: list[tuple[str, Any, Any]] = field(default_factory=list)
     """(key, checkpoint's value, this command's value) for every key that may not change."""
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:

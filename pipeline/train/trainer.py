@@ -202,12 +202,13 @@ def summarize(cfg: RunConfig) -> Summary:
     )
 
 
-def dry_run(cfg: RunConfig, *, allow_config_change: bool = False) -> str:
-    """What `capsnet train` would do with this config, checked as far as possible without Ray:
-    the data, the storage, and the resume decision (a refusal raises as it would)."""
+def _prepare(cfg: RunConfig, allow_config_change: bool):
+    """What `train` and `dry_run` check before Ray starts: the data (missing, empty or too
+    small splits, missing shards, checksums if asked), the storage (s3:// / gs://: the bucket
+    must exist; the run's small files come from it), and the resume decision (a refusal
+    raises). Returns (dataset info, run folder, storage, plan)."""
     from pipeline.data import check_splits
 
-    cfg = with_absolute_paths(cfg)
     info = check_splits(
         cfg.data,
         batch_size=cfg.train.batch_size // cfg.run.num_workers,
@@ -216,9 +217,17 @@ def dry_run(cfg: RunConfig, *, allow_config_change: bool = False) -> str:
     run_dir = run_dir_for(cfg)
     storage = RunStorage(cfg.run.storage_path, cfg.run.name, run_dir, ignore=RAY_ENTRIES)
     storage.check()
-    storage.pull(only=[CONFIG_FILE, INDEX_FILE])
+    storage.pull(only=[CONFIG_FILE, INDEX_FILE, "metrics.jsonl"])
     plan = plan_resume(cfg, run_dir)
     check_resume(plan, cfg, allow_config_change=allow_config_change)
+    return info, run_dir, storage, plan
+
+
+def dry_run(cfg: RunConfig, *, allow_config_change: bool = False) -> str:
+    """What `capsnet train` would do with this config, checked as far as possible without Ray:
+    the data, the storage, and the resume decision (a refusal raises as it would)."""
+    cfg = with_absolute_paths(cfg)
+    info, run_dir, storage, plan = _prepare(cfg, allow_config_change)
     model = cfg.build_model_config(tuple(info.image_shape), info.num_classes)
     action = {
         "fresh": "start a new run",
@@ -244,22 +253,9 @@ def train(
     Before anything starts: the data must be readable, and a run with checkpoints resumes
     only under the resume rules (pipeline/train/resume.py); a finished run trains nothing."""
     cfg = with_absolute_paths(cfg)
-    from pipeline.data import check_splits
-
-    # Missing, empty or too-small splits, missing shards (and checksums, if asked): now, not
-    # after Ray has started and a whole training epoch has run.
-    check_splits(
-        cfg.data,
-        batch_size=cfg.train.batch_size // cfg.run.num_workers,
-        world_size=cfg.run.num_workers,
-    )
-    run_dir = run_dir_for(cfg)
-    # s3:// / gs://: the run's small files come from the bucket (which must exist: fail now)
-    storage = RunStorage(cfg.run.storage_path, cfg.run.name, run_dir, ignore=RAY_ENTRIES)
-    storage.check()
-    storage.pull(only=[CONFIG_FILE, INDEX_FILE, "metrics.jsonl"])
-    plan = plan_resume(cfg, run_dir)
-    check_resume(plan, cfg, allow_config_change=allow_config_change)
+    # Data, storage and the resume decision now, not after Ray has started and a whole
+    # training epoch has run.
+    _, run_dir, storage, plan = _prepare(cfg, allow_config_change)
     if plan.state == "finished":
         print(
             f"[capsnet] run {cfg.run.name!r} already finished: {plan.epochs_done} of "

@@ -20,25 +20,6 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from pipeline.data import ShardsConfig, write_shards
-
-    out = tmp_path_factory.mktemp("cluster-shards") / "tiny"
-    write_shards(
-        ShardsConfig(
-            dataset="synthetic",
-            out=str(out),
-            image_size=12,
-            train_samples=320,
-            test_samples=80,
-            shard_size=50,
-            seed=1,
-        )
-    )
-    return out
-
-
 def write_config(path, shards, storage, name: str, epochs: int, max_failures: int):
     config = {
         "data": {"shards": str(shards), "loader_workers": 0, "shuffle_buffer": 64},
@@ -84,9 +65,11 @@ def epochs_in(run_dir) -> list[int]:
     return [json.loads(line)["epoch"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_train_cluster_two_nodes(ray_cluster, shards, tmp_path):
+def test_train_cluster_two_nodes(ray_cluster, tiny_shards, tmp_path):
     storage = tmp_path / "runs"
-    config = write_config(tmp_path / "tiny.yaml", shards, storage, "e2e", epochs=2, max_failures=0)
+    config = write_config(
+        tmp_path / "tiny.yaml", tiny_shards, storage, "e2e", epochs=2, max_failures=0
+    )
     result = ray_cluster.run(make_train_cluster(ray_cluster, config), timeout=480, cwd=REPO)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]
@@ -102,9 +85,9 @@ def test_train_cluster_two_nodes(ray_cluster, shards, tmp_path):
     assert len(ray_cluster.train_worker_nodes()) == 2, "the 2 ranks did not use both nodes"
 
 
-def test_wrong_token_is_refused(ray_cluster, shards, tmp_path):
+def test_wrong_token_is_refused(ray_cluster, tiny_shards, tmp_path):
     config = write_config(
-        tmp_path / "tiny.yaml", shards, tmp_path / "runs", "refused", epochs=1, max_failures=0
+        tmp_path / "tiny.yaml", tiny_shards, tmp_path / "runs", "refused", epochs=1, max_failures=0
     )
     env = {**ray_cluster.env, "RAY_AUTH_TOKEN": "not-the-token"}
     result = subprocess.run(
@@ -130,13 +113,13 @@ def test_wrong_token_is_refused(ray_cluster, shards, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_train_cluster_survives_node_loss(ray_cluster, shards, tmp_path):
+def test_train_cluster_survives_node_loss(ray_cluster, tiny_shards, tmp_path):
     """Kill the worker node mid-run (SIGKILL to all its processes, like a reclaimed spot VM),
     bring up a replacement node as an autoscaler would, and the job still finishes: Ray
     restarts the worker group and training continues from the last checkpoint."""
     storage, epochs = tmp_path / "runs", 8
     config = write_config(
-        tmp_path / "tiny.yaml", shards, storage, "nodeloss", epochs=epochs, max_failures=2
+        tmp_path / "tiny.yaml", tiny_shards, storage, "nodeloss", epochs=epochs, max_failures=2
     )
     run_dir = storage / "nodeloss"
     log_path = tmp_path / "make.log"
