@@ -58,7 +58,7 @@ def in_memory_pass(images_u8: np.ndarray, labels: np.ndarray, batch: int, augmen
 
 def loader_pass(shards: str, batch: int, workers: int, augment: bool) -> int:
     loader = open_loader(shards, "train", batch_size=batch, loader_workers=workers, augment=augment)
-    return sum(len(y) for _, y in loader)
+    return sum(len(b) for b in loader)
 
 
 def load_split(shards: str) -> tuple[np.ndarray, np.ndarray]:

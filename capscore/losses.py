@@ -54,7 +54,15 @@ def margin_loss(
 def reconstruction_loss(
     reconstructions: torch.Tensor, images: torch.Tensor, weight: float = 0.0005
 ) -> torch.Tensor:
-    """weight * per-image SUM of squared errors, averaged over the batch (paper: 0.0005)."""
+    """weight * per-image SUM of squared errors, averaged over the batch (paper: 0.0005).
+
+    Reconstructions and images [B, C, H, W], or [B, K, C, H, W] for K objects per input, each
+    reconstructed on its own: then the K errors are summed per input (MultiMNIST)."""
+    if reconstructions.shape != images.shape:
+        raise ValueError(
+            f"reconstructions {tuple(reconstructions.shape)} and their targets "
+            f"{tuple(images.shape)} differ in shape"
+        )
     sse_B = (reconstructions.float() - images.float()).pow(2).flatten(1).sum(dim=1)
     return weight * sse_B.mean()
 

@@ -1,7 +1,9 @@
 """CapsNet and the paper's baseline CNN, behind one interface.
 
-Both models: ``forward(images, targets=None)`` returns an output whose ``scores`` [B, J] rank
-the classes, and ``loss(output, images, targets)`` returns ``LossParts`` (total + named parts).
+Both models: ``forward(images, targets=None, *, part_classes=None)`` returns an output whose
+``scores`` [B, J] rank the classes, and ``loss(output, images, targets, parts=None)`` returns
+``LossParts`` (total + named parts). ``part_classes``/``parts`` carry multi-object data (each
+object's class and own image, MultiMNIST); a model without a decoder ignores them.
 The pipeline trains and evaluates either without knowing which it has.
 """
 
@@ -33,7 +35,8 @@ class CapsNetOutput:
     poses: torch.Tensor
     """[B, J, D] class capsule vectors v_j."""
     reconstructions: torch.Tensor | None
-    """[B, C, H, W] decoder output (None when the config has no decoder)."""
+    """[B, C, H, W] decoder output, or [B, K, C, H, W] one per object when `part_classes` was
+    given (None when the config has no decoder)."""
     coupling: torch.Tensor
     """[B, I, J] final coupling coefficients c_ij."""
 
@@ -82,24 +85,62 @@ class CapsNet(nn.Module):
             else None
         )
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> CapsNetOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        part_classes: torch.Tensor | None = None,
+    ) -> CapsNetOutput:
+        """Class capsules and reconstructions.
+
+        The decoder sees the capsule(s) of `targets` (training) or the longest one (evaluation).
+        With `part_classes` [B, K] (class indices, e.g. MultiMNIST's two digits) it instead
+        reconstructs K images per input, the k-th from capsule part_classes[:, k] alone.
+        """
         h = torch.relu(self.conv1(images))  # [B, 256, 20, 20]
         u_BIP = self.primary(h)  # [B, 1152, 8]
-        routed = self.classes(u_BIP)  # poses [B, 10, 16], activations [B, 10], c [B, 1152, 10]
+        # Children's activations for routings that weigh votes by them: the primary capsule
+        # lengths (in [0, 1) after squash), the vector-capsule reading of "presence".
+        a_BI = u_BIP.float().norm(dim=-1) if self.classes.routing.needs_activations else None
+        routed = self.classes(u_BIP, a_BI)  # poses [B, 10, 16], activations [B, 10], c [B, I, 10]
         v_BJD, lengths_BJ = routed.poses, routed.activations
         recon = None
         if self.decoder is not None:
-            recon = self.decoder(v_BJD, class_mask(lengths_BJ, targets).to(v_BJD.dtype))
+            if part_classes is not None:
+                recon = self.reconstruct(v_BJD, part_classes)
+            else:
+                recon = self.decoder(v_BJD, class_mask(lengths_BJ, targets).to(v_BJD.dtype))
         return CapsNetOutput(
             lengths=lengths_BJ, poses=v_BJD, reconstructions=recon, coupling=routed.couplings
         )
 
-    def loss(self, out: CapsNetOutput, images: torch.Tensor, targets: torch.Tensor) -> LossParts:
+    def reconstruct(self, poses_BJD: torch.Tensor, classes_BK: torch.Tensor) -> torch.Tensor:
+        """[B, K, C, H, W]: image k of sample b decoded from capsule classes_BK[b, k] alone."""
+        if self.decoder is None:
+            raise ValueError("this CapsNet has no decoder (config.decoder=False)")
+        B, J, D = poses_BJD.shape
+        K = classes_BK.shape[1]
+        mask_BKJ = nn.functional.one_hot(classes_BK.long(), J).to(poses_BJD.dtype)
+        poses = poses_BJD.unsqueeze(1).expand(B, K, J, D).reshape(B * K, J, D)
+        recon = self.decoder(poses, mask_BKJ.reshape(B * K, J))
+        return recon.view(B, K, *recon.shape[1:])
+
+    def loss(
+        self,
+        out: CapsNetOutput,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        parts: torch.Tensor | None = None,
+    ) -> LossParts:
+        """Margin loss + reconstruction loss; with `parts` [B, K, C, H, W] (each object's own
+        image, matching `out.reconstructions` from `part_classes`) the reconstruction term is
+        the sum over the K objects (MultiMNIST, paper section 6)."""
         cfg = self.config
         return capsnet_loss(
             out.lengths,
             out.reconstructions,
-            images,
+            images if parts is None else parts,
             targets,
             m_pos=cfg.m_pos,
             m_neg=cfg.m_neg,
@@ -129,10 +170,23 @@ class BaselineCNN(nn.Module):
         fcs += [nn.Dropout(cfg.dropout), nn.Linear(widths[-1], cfg.num_classes)]
         self.classifier = nn.Sequential(*fcs)
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> CNNOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        part_classes: torch.Tensor | None = None,
+    ) -> CNNOutput:
+        """Logits (targets and part_classes are accepted for a common interface, unused)."""
         return CNNOutput(logits=self.classifier(self.features(images).flatten(1)))
 
-    def loss(self, out: CNNOutput, images: torch.Tensor, targets: torch.Tensor) -> LossParts:
+    def loss(
+        self,
+        out: CNNOutput,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        parts: torch.Tensor | None = None,
+    ) -> LossParts:
         return classification_loss(out.logits, targets)
 
 

@@ -157,6 +157,19 @@ def correct_predictions(scores_BJ: torch.Tensor, targets: torch.Tensor) -> torch
     return ((rank < k) == present).all(1)
 
 
+def align_predictions(predicted_BK: torch.Tensor, true_BK: torch.Tensor) -> torch.Tensor:
+    """[B, K] the predicted classes reordered so that slot k holds true_BK[:, k] wherever
+    that class was predicted; the other predictions fill the remaining slots in order.
+    (Both rows hold K distinct classes.)"""
+    hit_BK = (true_BK.unsqueeze(2) == predicted_BK.unsqueeze(1)).any(2)  # true k predicted
+    used_BK = (predicted_BK.unsqueeze(2) == true_BK.unsqueeze(1)).any(2)  # prediction k true
+    # Unused predictions first, in their order (a stable sort puts used ones last) ...
+    leftover_BK = predicted_BK.gather(1, torch.sort(used_BK.int(), dim=1, stable=True).indices)
+    # ... taken one by one by the slots whose true class was missed.
+    take_BK = ((~hit_BK).long().cumsum(1) - 1).clamp(min=0)
+    return torch.where(hit_BK, true_BK, leftover_BK.gather(1, take_BK))
+
+
 def _check_batch(images: torch.Tensor, targets: torch.Tensor, config: Any) -> None:
     """A clear error, before the forward pass, for a batch the model cannot score (rather
     than a convolution shape error, a one_hot error or a bincount/reshape crash)."""
@@ -218,15 +231,19 @@ def evaluate(
     total = torch.zeros((), dtype=torch.long, device=device)
     sums: dict[str, torch.Tensor] = {}
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    for images, targets in loader:
-        _check_batch(images, targets, inner.config)  # on the host: no device sync
-        images, targets = (
-            images.to(device, non_blocking=True),
-            targets.to(device, non_blocking=True),
-        )
+    for batch in loader:
+        _check_batch(batch.images, batch.labels, inner.config)  # on the host: no device sync
+        batch = batch.to(device, non_blocking=True)
+        images, targets = batch.images, batch.labels
         with autocast or nullcontext():
             out = inner(images)
-            loss = inner.loss(out, images, targets)
+            if batch.part_classes is not None and out.reconstructions is not None:
+                # Each object reconstructed from a predicted capsule (the K longest), the one
+                # of its own class where that was predicted, so the error is per object.
+                K = batch.part_classes.shape[1]
+                decoded = align_predictions(out.scores.topk(K, dim=1).indices, batch.part_classes)
+                out.reconstructions = inner.reconstruct(out.poses, decoded)
+            loss = inner.loss(out, images, targets, batch.parts)
         B = images.shape[0]
         for name, value in loss.parts.items():
             sums[name] = sums.get(name, torch.zeros((), device=device)) + value.float() * B

@@ -1,5 +1,6 @@
 """Data layer: datasets → WebDataset shards → a streaming loader that feeds DDP ranks evenly."""
 
+from pipeline.data.batch import Batch
 from pipeline.data.config import DataConfig
 from pipeline.data.info import (
     DataError,
@@ -23,6 +24,7 @@ from pipeline.data.shards import DATASETS, ShardsConfig, write_shards
 
 __all__ = [
     "DATASETS",
+    "Batch",
     "DataConfig",
     "DataError",
     "DatasetInfo",

@@ -17,12 +17,20 @@ def _window_offsets(channels: int, height: int, width: int, pad: int) -> np.ndar
     return (c + y + x).ravel()
 
 
+def random_offsets(
+    n: int, max_shift: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(dy, dx), each [n], drawn uniformly from [-max_shift, max_shift]."""
+    dy = rng.integers(-max_shift, max_shift + 1, size=n)
+    dx = rng.integers(-max_shift, max_shift + 1, size=n)
+    return dy, dx
+
+
 def random_shift(images_BCHW: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
     """Shift every image by its own (dy, dx) drawn from [-max_shift, max_shift]²."""
     if max_shift == 0:
         return images_BCHW
-    dy = rng.integers(-max_shift, max_shift + 1, size=len(images_BCHW))
-    dx = rng.integers(-max_shift, max_shift + 1, size=len(images_BCHW))
+    dy, dx = random_offsets(len(images_BCHW), max_shift, rng)
     return shift_images(images_BCHW, dy, dx, max_shift)
 
 

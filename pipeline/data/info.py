@@ -21,6 +21,8 @@ FORMAT = "capsnet-shards/1"
 INFO_NAME = "dataset.json"
 IMAGE_FIELD = "img.u8"
 LABEL_FIELDS = {"index": "cls", "multi-hot": "hot.u8"}
+PART_META_FIELD = "json"
+"""Per-sample metadata; for multi-object data its "classes" list names each part's class."""
 
 LabelKind = Literal["index", "multi-hot"]
 
@@ -94,6 +96,15 @@ class DatasetInfo:
     @property
     def label_field(self) -> str:
         return LABEL_FIELDS[self.label_kind]
+
+    @property
+    def part_fields(self) -> tuple[str, ...]:
+        """Each object's own image (`rec0.u8`, `rec1.u8`, ...), in order, when the dataset
+        stores them together with a `json` field naming their classes (MultiMNIST); else ()."""
+        parts = []
+        while f"rec{len(parts)}.u8" in self.extra_fields:
+            parts.append(f"rec{len(parts)}.u8")
+        return tuple(parts) if parts and PART_META_FIELD in self.extra_fields else ()
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:

@@ -11,6 +11,7 @@ shard pads its last batches with repeats of samples it already yielded (counted 
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -24,11 +25,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import urls
-from pipeline.data.augment import random_shift
+from pipeline.data.augment import random_offsets, shift_images
+from pipeline.data.batch import Batch
 from pipeline.data.config import DataConfig
 from pipeline.data.info import (
     IMAGE_FIELD,
     INFO_NAME,
+    PART_META_FIELD,
     DataError,
     DatasetInfo,
     MissingDataError,
@@ -39,7 +42,8 @@ from pipeline.data.partition import PartitionError, ShardSlice, WorkerPlan, plan
 from pipeline.data.tario import TarFormatError, bad_name, iter_samples
 
 log = logging.getLogger(__name__)
-Sample = tuple[bytes, Any]  # (raw image bytes, decoded label)
+Parts = tuple[tuple[bytes, ...], tuple[int, ...]]  # each object's raw image bytes and class
+Sample = tuple[bytes, Any, Parts | None]  # (raw image bytes, decoded label, parts)
 _MAX_LOGGED = 10  # per worker: bad samples are counted always, logged only at first
 
 
@@ -161,7 +165,7 @@ class ShardStream(IterableDataset):
         )
         return ranks[c.rank].workers[worker]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         worker_info = get_worker_info()
         worker = worker_info.id if worker_info is not None else 0
         plan = self.plan(worker)
@@ -234,7 +238,30 @@ class ShardStream(IterableDataset):
             self._bad_sample(*problem, url, key)
             return None
         assert image is not None and raw_label is not None
-        return image, int(raw_label) if self.info.label_kind == "index" else raw_label
+        label = int(raw_label) if self.info.label_kind == "index" else raw_label
+        if not self.info.part_fields:
+            return image, label, None
+        parts = self._parts(sample_fields)
+        if isinstance(parts, str):
+            self._bad_sample("skipped_bad_label", parts, url, key)
+            return None
+        return image, label, parts
+
+    def _parts(self, sample_fields: dict[str, bytes]) -> Parts | str:
+        """Each object's image and class, or what is wrong with them."""
+        names = self.info.part_fields
+        images = tuple(sample_fields.get(name, b"") for name in names)
+        if any(len(image) != self.image_bytes for image in images):
+            return f"part images {names} of {[len(i) for i in images]} bytes, expected {self.image_bytes}"
+        try:
+            classes = tuple(json.loads(sample_fields[PART_META_FIELD])["classes"])
+        except (KeyError, TypeError, ValueError) as err:
+            return f"no part classes in its {PART_META_FIELD} field ({type(err).__name__}: {err})"
+        if len(classes) != len(names) or not all(
+            isinstance(c, int) and 0 <= c < self.info.num_classes for c in classes
+        ):
+            return f"part classes {classes!r} do not name one class per part image {names}"
+        return images, classes
 
     def _problem(
         self, image: bytes | None, raw_label: bytes | None, sample_fields: dict[str, bytes]
@@ -287,7 +314,7 @@ class ShardStream(IterableDataset):
         rand: Any,
         np_rng: np.random.Generator,
         worker: int,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> Iterator[Batch]:
         bs = self.part.batch_size
         batch: list[Sample] = []
         emitted, last_full = 0, []
@@ -311,26 +338,40 @@ class ShardStream(IterableDataset):
             yield self._collate(batch + fill, np_rng, padded=len(fill))
             emitted, batch = emitted + 1, []
 
-    def _collate(
-        self, batch: list[Sample], np_rng: np.random.Generator, padded: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(batch)
+    def _collate(self, batch: list[Sample], np_rng: np.random.Generator, padded: int) -> Batch:
+        n, shape = len(batch), self.info.image_shape
         # bytearray.join gives a writable buffer, so torch needs no extra copy or warning.
-        pixels = np.frombuffer(bytearray().join(image for image, _ in batch), dtype=np.uint8)
-        images_u8 = pixels.reshape(n, *self.info.image_shape)
-        if self.part.training and self.data.augment:
-            images_u8 = random_shift(images_u8, self.data.max_shift, np_rng)
+        pixels = np.frombuffer(bytearray().join(image for image, _, _ in batch), dtype=np.uint8)
+        images_u8 = pixels.reshape(n, *shape)
+        parts_u8 = part_classes = None
+        if batch[0][2] is not None:  # every sample of a multi-object dataset has parts
+            part_pixels = bytearray().join(b"".join(s[2][0]) for s in batch)  # type: ignore[index]
+            parts_u8 = np.frombuffer(part_pixels, dtype=np.uint8).reshape(n, -1, *shape)
+            part_classes = torch.tensor([s[2][1] for s in batch], dtype=torch.int64)  # type: ignore[index]
+        if self.part.training and self.data.augment and self.data.max_shift:
+            # One offset per sample, applied to its parts too: each part stays the exact
+            # reconstruction target of its object in the shifted input.
+            p = self.data.max_shift
+            dy, dx = random_offsets(n, p, np_rng)
+            images_u8 = shift_images(images_u8, dy, dx, p)
+            if parts_u8 is not None:
+                K = parts_u8.shape[1]
+                flat = shift_images(
+                    parts_u8.reshape(n * K, *shape), np.repeat(dy, K), np.repeat(dx, K), p
+                )
+                parts_u8 = flat.reshape(n, K, *shape)
         images = torch.from_numpy(images_u8).to(torch.float32).div_(255.0)
+        parts = None if parts_u8 is None else torch.from_numpy(parts_u8).to(torch.float32) / 255.0
         if self.info.label_kind == "index":
-            labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
+            labels = torch.tensor([label for _, label, _ in batch], dtype=torch.int64)
         else:
-            hot = np.frombuffer(bytearray().join(label for _, label in batch), dtype=np.uint8)
+            hot = np.frombuffer(bytearray().join(label for _, label, _ in batch), dtype=np.uint8)
             labels = torch.from_numpy(hot.reshape(n, self.info.num_classes)).to(torch.float32)
         with self.counters.array.get_lock():
             self.counters.array[STAT_NAMES.index("samples")] += n - padded
             self.counters.array[STAT_NAMES.index("batches")] += 1
             self.counters.array[STAT_NAMES.index("padded")] += padded
-        return images, labels
+        return Batch(images, labels, parts, part_classes)
 
 
 def _shuffled(items: Iterator[Sample], size: int, rand: Any) -> Iterator[Sample]:
@@ -351,7 +392,8 @@ def _shuffled(items: Iterator[Sample], size: int, rand: Any) -> Iterator[Sample]
 
 
 class ShardLoader:
-    """Iterable of (images float32 [B,C,H,W] in [0,1], labels) for one rank and epoch."""
+    """Iterable of `Batch`es (images float32 [B,C,H,W] in [0,1], labels, parts) for one rank
+    and epoch."""
 
     def __init__(self, info: DatasetInfo, split: str, data: DataConfig, part: Pass):
         self.info, self.split, self.data, self.part = info, split, data, part
@@ -380,7 +422,7 @@ class ShardLoader:
         self.part = replace(self.part, epoch=epoch)
         self.dataset.part = self.part
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         self._counters.reset()
         if self.data.loader_workers == 0:
             return iter(self.dataset)

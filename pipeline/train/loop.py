@@ -314,16 +314,14 @@ def _train_epoch(
     fingerprint = torch.zeros((), device=device)
     bar = _progress(n_batches, epoch, cfg, ctx)
     t0 = time.perf_counter()
-    for step, (images, targets) in enumerate(loader):
+    for step, batch in enumerate(loader):
         if step >= n_batches:
             break  # the same cap on every rank, so DDP stays in step
-        images, targets = (
-            images.to(device, non_blocking=True),
-            targets.to(device, non_blocking=True),
-        )
+        batch = batch.to(device, non_blocking=True)
+        images, targets = batch.images, batch.labels
         with autocast:
-            out = model(images, targets)
-            loss = inner.loss(out, images, targets)
+            out = model(images, targets, part_classes=batch.part_classes)
+            loss = inner.loss(out, images, targets, batch.parts)
         if step0 + step == cfg.debug.nan_at_step:  # TEST ONLY fault injection
             loss.total = loss.total * float("nan")
         state.optimizer.zero_grad(set_to_none=True)
@@ -475,8 +473,7 @@ def _figures(model, cfg: RunConfig, info: DatasetInfo, device, run_dir: Path) ->
         training=False,
         verify_checksums=False,
     )
-    images, _ = next(iter(first))
-    images = images.to(device)
+    images = next(iter(first)).images.to(device)
     was_training = model.training
     model.eval()
     out = model(images)

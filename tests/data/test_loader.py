@@ -42,7 +42,9 @@ def _stored(shard_dir, split) -> Counter:
 
 def test_batches_have_documented_types(synthetic_dir, layout):
     loader = open_loader(synthetic_dir, "train", batch_size=32)
-    images, labels = next(iter(loader))
+    batch = next(iter(loader))
+    images, labels = batch.images, batch.labels
+    assert batch.parts is None and batch.part_classes is None
     assert images.shape == (32, 1, layout["size"], layout["size"]) and images.dtype == torch.float32
     assert labels.shape == (32,) and labels.dtype == torch.int64
     assert images.min() >= 0.0 and images.max() <= 1.0
@@ -58,9 +60,9 @@ def test_eval_reads_every_sample_exactly_once(synthetic_dir, world, batch):
         )
         batches = list(loader)
         assert len(batches) == len(loader)
-        assert all(len(y) == batch for _, y in batches[:-1])
-        for images, labels in batches:
-            seen.update(_fingerprints(images, labels))
+        assert all(len(b) == batch for b in batches[:-1])
+        for b in batches:
+            seen.update(_fingerprints(b.images, b.labels))
     assert seen == _stored(synthetic_dir, "test")
 
 
@@ -72,16 +74,16 @@ def test_two_ranks_odd_shard_count_finish_together(synthetic_dir, layout):
             synthetic_dir, "train", batch_size=24, rank=rank, world_size=2, epoch=1
         )
         batches = list(loader)
-        assert all(len(y) == 24 for _, y in batches)
+        assert all(len(b) == 24 for b in batches)
         counts.append((len(batches), len(loader)))
-        fingerprints.append({f for b in batches for f in _fingerprints(*b)})
+        fingerprints.append({f for b in batches for f in _fingerprints(b.images, b.labels)})
     assert counts[0] == counts[1] == (layout["train"] // 2 // 24,) * 2
     assert not fingerprints[0] & fingerprints[1], "ranks must see different samples"
 
 
 def test_workers_split_the_rank_and_report_stats(synthetic_dir, layout):
     loader = open_loader(synthetic_dir, "test", batch_size=16, loader_workers=2, training=False)
-    seen = Counter(f for b in loader for f in _fingerprints(*b))
+    seen = Counter(f for b in loader for f in _fingerprints(b.images, b.labels))
     assert seen == _stored(synthetic_dir, "test")
     stats = loader.stats
     assert (
@@ -94,23 +96,23 @@ def test_workers_split_the_rank_and_report_stats(synthetic_dir, layout):
 def test_epochs_reorder_and_same_epoch_replays(synthetic_dir):
     def labels(epoch):
         loader = open_loader(synthetic_dir, "train", batch_size=50, epoch=epoch, seed=7)
-        return torch.cat([y for _, y in loader])
+        return torch.cat([b.labels for b in loader])
 
     assert torch.equal(labels(0), labels(0))
     assert not torch.equal(labels(0), labels(1))
     loader = open_loader(synthetic_dir, "train", batch_size=50, seed=7)
     loader.set_epoch(1)
-    assert torch.equal(torch.cat([y for _, y in loader]), labels(1))
+    assert torch.equal(torch.cat([b.labels for b in loader]), labels(1))
 
 
 def test_augmentation_only_in_training(synthetic_dir):
     plain = open_loader(synthetic_dir, "test", batch_size=250, training=False, augment=True)
-    ((images, _),) = list(plain)
+    (only,) = list(plain)
     stored = _stored(synthetic_dir, "test")
-    assert Counter(_fingerprints(images, _)) == stored  # unshifted
+    assert Counter(_fingerprints(only.images, only.labels)) == stored  # unshifted
     shifted = open_loader(synthetic_dir, "train", batch_size=100, augment=True, shuffle_buffer=1)
     unshifted = open_loader(synthetic_dir, "train", batch_size=100, augment=False, shuffle_buffer=1)
-    a, b = next(iter(shifted))[0], next(iter(unshifted))[0]
+    a, b = next(iter(shifted)).images, next(iter(unshifted)).images
     assert not torch.equal(a, b)
     # Same samples in the same order: each augmented image is its original shifted by ≤ 2 px.
     a_u8, b_u8 = ((t * 255).round().to(torch.uint8).numpy() for t in (a, b))
@@ -136,7 +138,8 @@ def test_multi_hot_labels(tmp_path):
             test_samples=10,
         )
     )
-    images, labels = next(iter(open_loader(tmp_path, "train", batch_size=8)))
+    batch = next(iter(open_loader(tmp_path, "train", batch_size=8)))
+    images, labels = batch.images, batch.labels
     assert (
         labels.shape == (8, 5) and labels.dtype == torch.float32 and torch.all(labels.sum(1) == 2)
     )
@@ -160,7 +163,7 @@ def test_truncated_shard_is_skipped_counted_and_batches_stay_equal(synthetic_cop
         loader = open_loader(synthetic_copy, "train", batch_size=20, rank=rank, world_size=2)
         batches = list(loader)
         lengths.append(len(batches))
-        assert len(batches) == len(loader) and all(len(y) == 20 for _, y in batches)
+        assert len(batches) == len(loader) and all(len(b) == 20 for b in batches)
         stats = loader.stats
         assert stats.padded == stats.lost_in_bad_shards  # repeats fill exactly what was lost
         lost += stats.lost_in_bad_shards
@@ -186,7 +189,7 @@ def test_eval_counts_what_a_corrupt_shard_lost(synthetic_copy, layout):
     data[10 * SAMPLE_BYTES + 257] = ord("X")  # break the ustar magic of sample 10's first member
     path.write_bytes(bytes(data))
     loader = open_loader(synthetic_copy, "test", batch_size=32, training=False)
-    total = sum(len(y) for _, y in loader)
+    total = sum(len(b) for b in loader)
     # Samples 0-8 survive; sample 9 may be incomplete (its end is unknowable), so it goes too.
     lost = layout["shard"] - 9
     assert total == layout["test"] - lost
@@ -203,7 +206,7 @@ def test_wrong_shape_sample_is_skipped_or_raises(synthetic_copy, layout):
         for key, fields in samples:
             writer.write(key, fields)
     loader = open_loader(synthetic_copy, "test", batch_size=64, training=False)
-    assert sum(len(y) for _, y in loader) == layout["test"] - 2
+    assert sum(len(b) for b in loader) == layout["test"] - 2
     stats = loader.stats.as_dict()
     assert (
         stats["skipped_bad_shape"] == 1
@@ -251,7 +254,7 @@ def test_source_may_be_a_dataset_info_or_a_copied_tree(synthetic_dir, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(synthetic_dir, moved)  # shard names are relative to dataset.json
     assert load_dataset_info(moved).base_url == str(moved)
-    images = torch.cat([x for x, _ in open_loader(moved, "test", batch_size=50, training=False)])
+    images = torch.cat([b.images for b in open_loader(moved, "test", batch_size=50, training=False)])
     assert images.shape[0] == 250 and np.isfinite(images.numpy()).all()
 
 
@@ -289,7 +292,7 @@ def test_member_names_not_utf8_are_bad_samples_not_a_crash(synthetic_copy, layou
         loader = open_loader(
             synthetic_copy, "test", batch_size=64, training=False, loader_workers=workers
         )
-        assert sum(len(y) for _, y in loader) == layout["test"] - 2
+        assert sum(len(b) for b in loader) == layout["test"] - 2
         stats = loader.stats
         assert stats.skipped_bad_name == stats.samples_skipped == 2 and stats.bad_shards == 0
     with pytest.raises(DataError, match=r"test-000001\.tar: sample b'\\xff.*not UTF-8"):

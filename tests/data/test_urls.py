@@ -96,7 +96,7 @@ def test_http_dataset_reads_like_a_local_one(http_root, synthetic_dir):
     assert info.base_url == http_root.rstrip("/")
     assert info.splits == load_dataset_info(synthetic_dir).splits
     loader = open_loader(http_root, "test", batch_size=64, training=False)
-    assert sum(len(y) for _, y in loader) == 250 and loader.stats.samples_skipped == 0
+    assert sum(len(b) for b in loader) == 250 and loader.stats.samples_skipped == 0
 
 
 # --- bad remote data: never a hang, never a raw traceback (issue 11) -------------------------
@@ -197,7 +197,7 @@ def test_a_shard_gone_404_is_skipped_and_counted_or_raises_naming_it(http_copy):
     skip = open_loader(url, "test", batch_size=50, training=False)
     strict = open_loader(url, "test", batch_size=50, training=False, on_error="raise")
     (folder / "test-000001.tar").unlink()  # disappears after the check, during the epoch
-    assert sum(len(y) for _, y in skip) == 150
+    assert sum(len(b) for b in skip) == 150
     assert skip.stats.bad_shards == 1 and skip.stats.lost_in_bad_shards == 100
     with pytest.raises(DataError, match=r"/test-000001\.tar: HTTP 404"):
         list(strict)
@@ -218,7 +218,7 @@ def test_a_failing_pipe_command_is_a_bad_shard_not_a_traceback(synthetic_dir, tm
         loader = ShardLoader(info, "test", DataConfig(loader_workers=0, on_error=on_error), part)
         loader.dataset.urls[1] = f"pipe:cat {tmp_path / 'no-such-object'}"
         if on_error == "skip":
-            assert sum(len(y) for _, y in loader) == 150
+            assert sum(len(b) for b in loader) == 150
             assert loader.stats.bad_shards == 1 and loader.stats.lost_in_bad_shards == 100
         else:
             with pytest.raises(

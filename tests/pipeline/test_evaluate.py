@@ -12,6 +12,7 @@ import torch
 
 from capscore import BaselineCNNConfig, CapsNetConfig, build_model
 from pipeline.data import DataError, DatasetInfo, SplitInfo, open_loader
+from pipeline.data.batch import Batch
 from pipeline.evaluate import (
     EvalResult,
     IncompatibleDataError,
@@ -102,12 +103,12 @@ class FakeLoader:
     """What evaluate() reads of a ShardLoader: batches, info, split and stats."""
 
     def __init__(self, batches, kind="index", expected=4):
-        self.batches = batches
+        self.batches = [Batch(*b) for b in batches]
         self.info = SimpleNamespace(
             label_kind=kind, split=lambda name: SimpleNamespace(num_samples=expected)
         )
         self.split = "test"
-        self.stats = SimpleNamespace(samples_skipped=expected - sum(len(y) for _, y in batches))
+        self.stats = SimpleNamespace(samples_skipped=expected - sum(len(b) for b in self.batches))
 
     def __iter__(self):
         return iter(self.batches)
