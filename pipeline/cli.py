@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from pipeline.commands import eval as eval_command
-from pipeline.commands import shards, smoke, submit, train, tune
+from pipeline.commands import report, shards, smoke, submit, train, tune
 from pipeline.data.info import DataError
 from pipeline.schema import ConfigError
 from pipeline.submit import SubmitError
 from pipeline.train.context import TrainingError
 
-COMMANDS = (shards, train, eval_command, tune, smoke, submit)
+COMMANDS = (shards, train, eval_command, report, tune, smoke, submit)
 
 
 def _version() -> str:

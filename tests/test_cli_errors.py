@@ -56,3 +56,10 @@ def test_yaml_syntax_error_names_the_file(tmp_path, capsys):
 def test_run_name_cannot_leave_storage(capsys):
     code, err = run(capsys, "train", "--set", "run.name=..", "--dry-run")
     assert code == 2 and "run.name" in err
+
+
+def test_report_missing_checkpoint(tmp_path, capsys):
+    missing = tmp_path / "no-such-run"
+    code, err = run(capsys, "report", "--checkpoint", str(missing), "--shards", str(tmp_path))
+    assert code == 2 and "no checkpoint at" in err and str(missing) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2  # error + debug hint
