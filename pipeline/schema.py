@@ -172,8 +172,9 @@ def _registry_union(registry: dict[str, Any]) -> Any:
     default = next(iter(registry))
 
     def pick(value: Any) -> str:
-        name = value.get("name", default) if isinstance(value, dict) else getattr(value, "name", "")
-        return f"<{name}>"
+        # A dict being validated, or (serialising) a parsed model whose name may be unset.
+        name = value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
+        return f"<{default if name is None else name}>"
 
     members = [Annotated[partial_model(spec.config), Tag(f"<{n}>")] for n, spec in registry.items()]
     return Annotated[

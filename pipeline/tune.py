@@ -7,7 +7,8 @@ from) plus a `search:` section:
       name: tune-mnist            # experiment folder under storage_path; --resume continues it
       storage_path: runs
       space:                      # dotted run-config keys -> distributions
-        model.routing_iterations: {choice: [1, 2, 3]}
+        model.routing.name: {choice: [dynamic, uniform, em, attention]}
+        model.routing.iterations: {choice: [1, 2, 3]}   # only where the algorithm has it
         train.lr: {loguniform: [1.0e-4, 1.0e-2]}
       num_samples: 8              # samples of the space (x grid size for grid entries)
       metric: test_accuracy
@@ -19,16 +20,25 @@ from) plus a `search:` section:
 
 Each trial is a small driver function that builds the *same* TorchTrainer as `capsnet train`
 (Ray Train V2's Train+Tune pattern) and forwards its reports to Tune, so ASHA can stop it.
+
+Registry-backed nested configs (``model.routing``) are searched by name: a sampled
+``model.routing.name`` replaces the base's routing with that algorithm's defaults, and a
+sampled key the chosen algorithm does not have (``iterations`` for ``uniform``) is left out of
+that trial and shown as ``n/a`` in the results. The results table gives every trial's time per
+training step and parameter count next to its metric, and a search over routing algorithms
+also gets a per-algorithm summary (``routing-summary.csv``): better weighed against costlier.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import logging
 import math
 import numbers
 import shlex
+import statistics
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -36,6 +46,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 
+from capscore import MODELS
 from pipeline.config import (
     ConfigError,
     RunConfig,
@@ -187,11 +198,7 @@ def load_tune_config(path: str | Path, overrides: list[str] | tuple[str, ...] = 
             if key.split(".")[0] not in ("data", "model", "train", "run"):
                 errors.append(f"search.space.{key}: must start with data., model., train. or run.")
                 continue
-            for value in search.values(key):
-                try:
-                    parse_run_config(apply_params(base, {key: value}))
-                except ConfigError as e:
-                    errors.append(f"search.space.{key}={value!r}: {e}")
+            errors += _check_key(base, search, key)
     if search is not None:
         try:
             _check_search_alg(search)  # optuna missing, or grid entries it cannot take
@@ -200,6 +207,32 @@ def load_tune_config(path: str | Path, overrides: list[str] | tuple[str, ...] = 
     if errors:
         raise_config_error(errors, str(path))
     return TuneConfig(base=base, search=search)
+
+
+def _check_key(base: dict[str, Any], search: SearchSection, key: str) -> list[str]:
+    """Each value of `key` applied to the base, together with each registry entry the search
+    can choose where `key` belongs to one (model.routing.iterations with every sampled
+    model.routing.name that has iterations). A key that no such entry has is an error: a
+    misspelt per-algorithm key would otherwise be left out of every trial."""
+    *path, _ = key.split(".")
+    switch = ".".join([*path, "name"])
+    names = search.values(switch) if switch in search.space and switch != key else [None]
+    errors, applied = [], False
+    for name in names:
+        for value in search.values(key):
+            params = {key: value} if name is None else {switch: name, key: value}
+            if not_applicable(base, params):
+                continue
+            applied = True
+            try:
+                parse_run_config(apply_params(base, params))
+            except ConfigError as e:
+                shown = "" if name is None else f" (with {switch}={name!r})"
+                errors.append(f"search.space.{key}={value!r}{shown}: {e}")
+    if not applied:
+        chosen = "the base config's" if names == [None] else f"any of {switch}={names}"
+        errors.append(f"search.space.{key}: {chosen} has no such key")
+    return errors
 
 
 def _history(result, trial: str, trial_storage: str) -> list[dict[str, Any]]:
@@ -215,16 +248,58 @@ def _history(result, trial: str, trial_storage: str) -> list[dict[str, Any]]:
     return df.to_dict("records") if df is not None else []
 
 
-def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """The base run config with each dotted key set to its sampled value."""
-    raw = copy.deepcopy(base)
-    for key, value in params.items():
+NOT_APPLICABLE = "n/a"
+"""Results-table value of a sampled key that the trial's registry entry does not have."""
+
+
+def _registry_keys(raw: dict[str, Any], path: list[str]) -> set[str] | None:
+    """The fields of the registry entry that the nested config at `path` names (e.g. the
+    routing algorithm at model.routing), or None when `path` is not a registry-backed field."""
+    if len(path) != 2 or path[0] != "model":
+        return None
+    spec = MODELS.get(raw.get("model", {}).get("type", "capsnet"))
+    field = spec and {f.name: f for f in dataclasses.fields(spec.config)}.get(path[1])
+    registry = field.metadata.get("registry") if field else None
+    if registry is None:
+        return None
+    node = raw["model"].get(path[1]) or {}
+    entry = registry.get(node.get("name", next(iter(registry))))
+    return {f.name for f in dataclasses.fields(entry.config)} if entry else None
+
+
+def _place(raw: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    """Set each dotted key of `params` in `raw` (in place); the keys left out as not
+    applicable to the chosen registry entry."""
+    skipped = []
+    # Registry switches (model.routing.name) first: the other keys land on the chosen entry.
+    for key in sorted(params, key=lambda k: not k.endswith(".name")):
+        value = params[key]
         *path, leaf = key.split(".")
         node = raw
         for part in path:
             node = node.setdefault(part, {})
+        keys = _registry_keys(raw, path)
+        if keys is not None and leaf == "name" and node.get("name") != value:
+            node.clear()  # another algorithm: the old one's keys mean nothing to it
+        elif keys is not None and leaf not in keys:
+            skipped.append(key)
+            continue
         node[leaf] = value
+    return skipped
+
+
+def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The base run config with each dotted key set to its sampled value (keys that the
+    chosen routing algorithm does not have are left out: see `not_applicable`)."""
+    raw = copy.deepcopy(base)
+    _place(raw, params)
     return raw
+
+
+def not_applicable(base: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    """The sampled keys `apply_params` leaves out (e.g. model.routing.iterations for a
+    routing algorithm without iterations)."""
+    return _place(copy.deepcopy(base), params)
 
 
 def param_space(search: SearchSection) -> dict[str, Any]:
@@ -480,6 +555,7 @@ def result_rows(results, tc: TuneConfig) -> list[dict[str, Any]]:
     from pipeline.train.trainer import resolve_use_gpu
 
     search = tc.search
+    parameters = _ParameterCounts()
     rows = []
     for result in results:
         params = result.config.get("params", {})
@@ -489,16 +565,19 @@ def result_rows(results, tc: TuneConfig) -> list[dict[str, Any]]:
         values = [v for h in history if _finite(v := h.get(search.metric))]
         best = (max(values) if search.mode == "max" else min(values)) if values else math.nan
         cfg = parse_run_config(apply_params(tc.base, params))
+        skipped = not_applicable(tc.base, params)
         epochs = max((int(h.get("epoch", 0)) for h in history), default=0)
         seconds = sum(float(h.get("epoch_time_s", 0.0)) for h in history)
         rows.append(
             {
                 "trial": trial,
-                **{k: params.get(k) for k in search.space},
+                **{k: NOT_APPLICABLE if k in skipped else params.get(k) for k in search.space},
                 f"best_{search.metric}": best,
                 "epochs_run": epochs,
                 "stopped_early": result.error is None and epochs < cfg.train.epochs,
                 "error": _trial_error(result),
+                "step_time_ms": _step_time_ms(history),
+                "parameters": parameters.get(cfg),
                 "device_hours": cfg.run.num_workers * seconds / 3600.0,
                 "device": "GPU" if resolve_use_gpu(cfg.run.use_gpu) else "CPU",
             }
@@ -506,6 +585,73 @@ def result_rows(results, tc: TuneConfig) -> list[dict[str, Any]]:
     key = f"best_{search.metric}"
     rows.sort(key=lambda r: (math.isnan(r[key]), -r[key] if search.mode == "max" else r[key]))
     return rows
+
+
+def _step_time_ms(history: list[dict[str, Any]]) -> float:
+    """Median over epochs of the wall time per training step (loading included), in ms; the
+    median, so a first epoch's start-up or a slow eval-heavy epoch does not dominate."""
+    per_step = [
+        1000.0 * float(h["epoch_time_s"]) / int(h["steps"])
+        for h in history
+        if h.get("steps") and _finite(h.get("epoch_time_s"))
+    ]
+    return statistics.median(per_step) if per_step else math.nan
+
+
+class _ParameterCounts:
+    """Parameters of each trial's model, built once per distinct model config on the driver
+    (the model's shape needs the dataset's image shape and classes)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, int | None] = {}
+        self._infos: dict[str, Any] = {}
+
+    def get(self, cfg: RunConfig) -> int | None:
+        key = repr(cfg.to_dict()["model"]) + cfg.data.shards
+        if key not in self._cache:
+            self._cache[key] = self._count(cfg)
+        return self._cache[key]
+
+    def _count(self, cfg: RunConfig) -> int | None:
+        from capscore import build_model
+
+        try:
+            if cfg.data.shards not in self._infos:
+                self._infos[cfg.data.shards] = load_dataset_info(absolute_path(cfg.data.shards))
+            info = self._infos[cfg.data.shards]
+        except DataError:
+            return None  # the table says "None": the shards are gone since the search ran
+        model = build_model(cfg.build_model_config(info.image_shape, info.num_classes))
+        return sum(p.numel() for p in model.parameters())
+
+
+ROUTING_KEY = "model.routing.name"
+
+
+def routing_summary(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Per routing algorithm of a search over `model.routing.name`: trials, the best and the
+    mean ± sample standard deviation of each trial's best metric (e.g. over seeds), median
+    time per training step and parameters, in the rows' order of first appearance."""
+    key = f"best_{metric}"
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(str(row[ROUTING_KEY]), []).append(row)
+    out = []
+    for name, group in groups.items():
+        values = [r[key] for r in group if _finite(r[key])]
+        times = [r["step_time_ms"] for r in group if _finite(r["step_time_ms"])]
+        out.append(
+            {
+                "routing": name,
+                "trials": len(group),
+                f"best_{metric}": max(values) if values else math.nan,
+                f"mean_{metric}": statistics.fmean(values) if values else math.nan,
+                f"std_{metric}": statistics.stdev(values) if len(values) > 1 else math.nan,
+                "step_time_ms": statistics.median(times) if times else math.nan,
+                "parameters": group[0]["parameters"],
+            }
+        )
+    return out
 
 
 def _finite(value: Any) -> bool:
@@ -524,6 +670,13 @@ def report(results, tc: TuneConfig, out_dir: Path) -> list[dict[str, Any]]:
         writer.writeheader()
         writer.writerows(rows)
     print(format_table(rows))
+    if ROUTING_KEY in tc.search.space:
+        summary = routing_summary(rows, tc.search.metric)
+        with open(out_dir / "routing-summary.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+            writer.writeheader()
+            writer.writerows(summary)
+        print("\nper routing algorithm:\n" + format_table(summary))
     best = rows[0]  # sorted: finite values first
     if not _finite(best[f"best_{tc.search.metric}"]):
         print(
@@ -531,7 +684,7 @@ def report(results, tc: TuneConfig, out_dir: Path) -> list[dict[str, Any]]:
             f"{tc.search.metric}, so no best config was written"
         )
         return rows
-    params = {k: best[k] for k in tc.search.space}
+    params = {k: best[k] for k in tc.search.space if best[k] != NOT_APPLICABLE}
     best_cfg = apply_params(tc.base, params)
     best_cfg["run"]["name"] = f"{tc.search.name}-best"
     header = (

@@ -348,3 +348,89 @@ def test_print_config_and_dry_run_need_no_ray(tmp_path, tiny_shards, capsys, mon
     assert printed["search"]["space"] == {"train.lr": {"grid": [0.02, 0.01, 1.0e-7, 1.0e-8]}}
     assert main(["tune", "--config", str(path), "--dry-run"]) == 0
     assert "would search 4 trial(s)" in capsys.readouterr().out
+
+
+# --- the routing algorithm as a search axis (issue 14), no Ray -------------------------------
+
+ROUTING_SPACE = {
+    "model.routing.name": {"choice": ["dynamic", "uniform", "em", "attention"]},
+    "model.routing.iterations": {"choice": [1, 2, 3]},
+    "train.lr": {"loguniform": [1e-4, 1e-2]},
+}
+
+
+def test_a_routing_switch_replaces_the_base_routing_and_drops_keys_it_lacks():
+    base = {"model": {"type": "capsnet", "routing": {"name": "dynamic", "detach_inner": True}}}
+    params = {"model.routing.iterations": 2, "model.routing.name": "uniform"}
+    assert tune.apply_params(base, params)["model"]["routing"] == {"name": "uniform"}
+    assert tune.not_applicable(base, params) == ["model.routing.iterations"]
+    em = tune.apply_params(base, {"model.routing.name": "em", "model.routing.iterations": 2})
+    assert em["model"]["routing"] == {"name": "em", "iterations": 2}
+    same = tune.apply_params(base, {"model.routing.name": "dynamic", "model.routing.iterations": 1})
+    assert same["model"]["routing"] == {"name": "dynamic", "detach_inner": True, "iterations": 1}
+    assert base["model"]["routing"] == {"name": "dynamic", "detach_inner": True}  # not mutated
+
+
+def test_routing_space_validates_each_key_against_the_algorithms_that_have_it(
+    tmp_path, tiny_shards
+):
+    tc = load_tune_config(
+        search_config(tmp_path / "s.yaml", tiny_shards, tmp_path, space=ROUTING_SPACE)
+    )
+    assert tc.search.values("model.routing.name") == ["dynamic", "uniform", "em", "attention"]
+    bad = {**ROUTING_SPACE, "model.routing.iterations": {"choice": [0, 3]}}
+    with pytest.raises(ConfigError, match=r"iterations=0 \(with model.routing.name='dynamic'\)"):
+        load_tune_config(search_config(tmp_path / "b.yaml", tiny_shards, tmp_path, space=bad))
+    typo = {**ROUTING_SPACE, "model.routing.iteratons": {"choice": [2]}}
+    with pytest.raises(
+        ConfigError, match="iteratons: any of model.routing.name=.* has no such key"
+    ):
+        load_tune_config(search_config(tmp_path / "t.yaml", tiny_shards, tmp_path, space=typo))
+    alone = {"model.routing.bias": {"choice": [True]}}  # base routing: dynamic, which has it
+    load_tune_config(search_config(tmp_path / "a.yaml", tiny_shards, tmp_path, space=alone))
+
+
+def routing_result(trial, name, iterations, accuracy, seconds_per_step) -> FakeResult:
+    rows = [
+        {"epoch": e + 1, "steps": 10, "epoch_time_s": 10 * t, "test_accuracy": a}
+        for e, (a, t) in enumerate(zip(accuracy, seconds_per_step, strict=True))
+    ]
+    params = {"model.routing.name": name, "model.routing.iterations": iterations, "train.lr": 1e-3}
+    return FakeResult(
+        config={"params": params, "trial_storage": ""},
+        metrics=dict(rows[-1]),
+        path=f"/exp/tiny-search/{trial}",
+        metrics_dataframe=Frame(rows),
+    )
+
+
+def test_routing_search_reports_accuracy_step_time_and_parameters_per_algorithm(
+    tmp_path, tiny_shards, capsys
+):
+    tc = load_tune_config(
+        search_config(tmp_path / "s.yaml", tiny_shards, tmp_path, space=ROUTING_SPACE)
+    )
+    results = [
+        routing_result("d1", "dynamic", 3, [0.5, 0.7], [0.05, 0.03]),
+        routing_result("d2", "dynamic", 2, [0.6, 0.5], [0.03, 0.03]),
+        routing_result("u1", "uniform", 3, [0.4, 0.65], [0.02, 0.04]),
+    ]
+    rows = tune.report(results, tc, tmp_path / "exp")
+    by_trial = {r["trial"]: r for r in rows}
+    assert by_trial["u1"]["model.routing.iterations"] == "n/a"
+    assert by_trial["d1"]["model.routing.iterations"] == 3
+    assert by_trial["d1"]["step_time_ms"] == pytest.approx(40.0)  # median of 50 and 30 ms
+    counts = {r["trial"]: r["parameters"] for r in rows}
+    assert counts["d1"] == counts["d2"] == counts["u1"] > 0  # no routing parameters here
+    summary = tune.routing_summary(rows, "test_accuracy")
+    dynamic = next(s for s in summary if s["routing"] == "dynamic")
+    assert dynamic["trials"] == 2 and dynamic["best_test_accuracy"] == 0.7
+    assert dynamic["mean_test_accuracy"] == pytest.approx(0.65)
+    assert dynamic["std_test_accuracy"] == pytest.approx(math.sqrt(0.005))  # sample std
+    uniform = next(s for s in summary if s["routing"] == "uniform")
+    assert math.isnan(uniform["std_test_accuracy"]) and uniform["step_time_ms"] == 30.0
+    with open(tmp_path / "exp" / "routing-summary.csv") as f:
+        assert [r["routing"] for r in csv.DictReader(f)] == ["dynamic", "uniform"]
+    assert "per routing algorithm" in capsys.readouterr().out
+    best = yaml.safe_load((tmp_path / "exp" / "best-config.yaml").read_text())
+    assert best["model"]["routing"] == {"name": "dynamic", "iterations": 3}
