@@ -31,9 +31,10 @@ from capscore.losses import LossParts, capsnet_loss, classification_loss
 @dataclass
 class CapsNetOutput:
     lengths: torch.Tensor
-    """[B, J] class capsule lengths: the probability that each class is present."""
+    """[B, J] how present each class is: the capsule lengths |v_j| (dynamic, uniform,
+    attention routing) or the routing's own activations a_j in (0, 1) (em)."""
     poses: torch.Tensor
-    """[B, J, D] class capsule vectors v_j."""
+    """[B, J, D] class capsule vectors v_j (em: the unsquashed Gaussian means mu_j)."""
     reconstructions: torch.Tensor | None
     """[B, C, H, W] decoder output, or [B, K, C, H, W] one per object when `part_classes` was
     given (None when the config has no decoder)."""
