@@ -385,7 +385,7 @@ def section_routing(ctx: Context) -> None:
             [
                 f"{r.iterations}{' (trained)' if r.iterations == trained else ''}",
                 r.accuracy,
-                r.ms_per_batch,
+                f"{r.ms_per_batch:.1f}",
             ]
             for r in rows
         ],
