@@ -3,10 +3,13 @@
     .venv/bin/python bench/bench_loader.py                 # synthetic 60k 28×28 shards in a temp dir
     .venv/bin/python bench/bench_loader.py --shards DIR    # existing shards (e.g. Fashion-MNIST)
 
-Each row is the best of --repeats full passes over the train split (batch 128, training mode)
-with a warm page cache, so it measures the loader's CPU cost, not the disk. Wall-clock rates
-suffer when other processes share the cores, so CPU time (this process plus its reaped
-DataLoader workers) is reported too: samples per CPU-second is the per-core figure.
+Each row is the best of --repeats full passes over the train split (training mode) with a
+warm page cache, so it measures the loader's CPU cost, not the disk. Every batch is finished
+with `batch.to("cpu")` (the ±2 px shift and float conversion that Batch.to runs on the
+training device), so rows with and without worker processes do the same work. Wall-clock
+rates suffer when other processes share the cores, so CPU time (this process plus its reaped
+DataLoader workers) is reported too: samples per CPU-second is the per-core figure. torch
+runs one intra-op thread here (a loader core's view; two threads on two busy cores only spin).
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ def in_memory_pass(images_u8: np.ndarray, labels: np.ndarray, batch: int, augmen
 
 def loader_pass(shards: str, batch: int, workers: int, augment: bool) -> int:
     loader = open_loader(shards, "train", batch_size=batch, loader_workers=workers, augment=augment)
-    return sum(len(b) for b in loader)
+    n = sum(len(b.to("cpu")) for b in loader)
+    loader.close()
+    return n
 
 
 def load_split(shards: str) -> tuple[np.ndarray, np.ndarray]:
@@ -81,9 +86,10 @@ def main() -> int:
         "--shards", help="shard directory (default: synthetic shards in a temp dir)"
     )
     parser.add_argument("--samples", type=int, default=60_000, help="synthetic train samples")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-sizes", default="128,512")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards
         if shards is None:
@@ -94,46 +100,44 @@ def main() -> int:
             write_shards(config)
         info = load_dataset_info(shards)
         images, labels = load_split(shards)
-        rows: list[tuple[str, int, bool, Callable[..., int], tuple]] = []
-        for aug in (False, True):
-            rows.append(
-                (
-                    "in-memory uint8 array (baseline)",
-                    0,
-                    aug,
-                    in_memory_pass,
-                    (images, labels, args.batch_size, aug),
-                )
-            )
-        for workers in (0, 1, 2):
+        rows: list[tuple[str, int, int, bool, Callable[..., int], tuple]] = []
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
             for aug in (False, True):
+                args_ = (images, labels, batch, aug)
                 rows.append(
-                    (
-                        f"make_loader num_workers={workers}",
-                        workers,
-                        aug,
-                        loader_pass,
-                        (shards, args.batch_size, workers, aug),
-                    )
+                    ("in-memory uint8 array (baseline)", batch, 0, aug, in_memory_pass, args_)
                 )
+            for workers in (0, 1, 2):
+                for aug in (False, True):
+                    args_ = (shards, batch, workers, aug)
+                    rows.append(
+                        (
+                            f"make_loader num_workers={workers}",
+                            batch,
+                            workers,
+                            aug,
+                            loader_pass,
+                            args_,
+                        )
+                    )
         train = info.split("train")
         print(
-            f"# {info.name} {info.image_shape}: train {train.num_samples} samples in {len(train.shards)} shards, batch {args.batch_size}"
+            f"# {info.name} {info.image_shape}: train {train.num_samples} samples in {len(train.shards)} shards"
         )
         print(
             f"# {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, torch {torch.__version__}, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
         )
         print(f"# load average before: {os.getloadavg()[0]:.2f}")
         print(
-            "| pipeline | augment | samples/s (wall) | per worker (wall) | samples per CPU-second |"
+            "| pipeline | batch | augment | samples/s (wall) | per worker (wall) | samples per CPU-second |"
         )
-        print("|---|---|---:|---:|---:|")
-        for name, workers, aug, fn, fn_args in rows:
+        print("|---|---:|---|---:|---:|---:|")
+        for name, batch, workers, aug, fn, fn_args in rows:
             results = [timed(fn, *fn_args) for _ in range(args.repeats)]
             wall, cpu = max(r[0] for r in results), max(r[1] for r in results)
             shift = "±2 px" if aug else "off"
             print(
-                f"| {name} | {shift} | {wall:,.0f} | {wall / max(workers, 1):,.0f} | {cpu:,.0f} |",
+                f"| {name} | {batch} | {shift} | {wall:,.0f} | {wall / max(workers, 1):,.0f} | {cpu:,.0f} |",
                 flush=True,
             )
         print(f"# load average after: {os.getloadavg()[0]:.2f}")

@@ -166,9 +166,12 @@ class TrainSection(Section):
     weight_decay: Annotated[Float, Field(ge=0)] = 0.0
     """Adam L2 weight decay."""
     precision: Precision = "fp32"
-    """fp32, or autocast to bf16 / fp16 (fp16 adds a GradScaler)."""
+    """fp32, or autocast to bf16 / fp16 (fp16 adds a GradScaler). capscore keeps squash,
+    routing logits and softmax, and the losses in fp32 under autocast."""
     compile: Bool = False
-    """Wrap the model in torch.compile."""
+    """The fast path (with precision=bf16 on a GPU): torch.compile of the train step's forward
+    + loss as one graph, and channels-last convolutions on CUDA. The first steps compile
+    (tens of seconds); evaluation runs the plain module."""
     seed: Int = 0
     """Seeds model init, data order and augmentation; a 1-worker CPU run is reproducible."""
     log_every: PositiveInt = 50

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 
 @lru_cache(maxsize=8)
@@ -51,3 +52,20 @@ def shift_images(
     origin_B = np.arange(B) * padded[0].size + (p - dy_B) * (W + 2 * p) + (p - dx_B)
     gathered = padded.ravel()[origin_B[:, None] + _window_offsets(C, H, W, p)[None, :]]
     return gathered.reshape(B, C, H, W)
+
+
+def shift_tensor(
+    images_BCHW: torch.Tensor, shifts_B2: torch.Tensor, max_shift: int
+) -> torch.Tensor:
+    """`shift_images` as one batched torch op on the tensors' device (any dtype, no host
+    sync): image b moves down by shifts[b, 0] and right by shifts[b, 1], zeros shifted in."""
+    B, C, H, W = images_BCHW.shape
+    p = max_shift
+    padded = torch.nn.functional.pad(images_BCHW, (p, p, p, p))  # [B, C, H+2p, W+2p]
+    dy_B, dx_B = shifts_B2.unbind(1)
+    # Output pixel (y, x) comes from padded (y + p - dy, x + p - dx), as in shift_images.
+    rows_BH = torch.arange(H, device=images_BCHW.device) + (p - dy_B)[:, None]
+    cols_BW = torch.arange(W, device=images_BCHW.device) + (p - dx_B)[:, None]
+    index_BN = (rows_BH[:, :, None] * (W + 2 * p) + cols_BW[:, None, :]).view(B, 1, H * W)
+    gathered = padded.flatten(2).gather(2, index_BN.expand(B, C, H * W))
+    return gathered.view(B, C, H, W)

@@ -42,4 +42,12 @@ class DataConfig(Section):
     pin_memory: Bool = False
     """Page-locked host batches (faster copies to a GPU)."""
     prefetch_factor: Annotated[Int, Field(ge=1)] = 4
-    """Batches each loader worker prepares ahead (with loader_workers > 0)."""
+    """Hand-off units (see handoff_samples) each loader worker prepares ahead (with
+    loader_workers > 0)."""
+    handoff_samples: Annotated[Int, Field(ge=1)] = 2048
+    """Samples a loader worker process hands over at once: whole batches, at least one. The
+    hand-off between processes costs per object, not per byte, so units of several batches
+    keep a worker near the in-process rate (BENCHMARKS.md, "Feeding a GPU")."""
+    persistent_workers: Bool = True
+    """Keep loader worker processes alive across epochs (train and eval loader each keep
+    loader_workers processes); false: start them afresh every pass."""

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import urls
-from pipeline.data.augment import random_offsets, shift_images
+from pipeline.data.augment import random_offsets
 from pipeline.data.batch import Batch
 from pipeline.data.config import DataConfig
 from pipeline.data.info import (
@@ -120,23 +120,39 @@ class LoaderStats:
         }
 
 
+_PASS, _EPOCH = len(STAT_NAMES), len(STAT_NAMES) + 1  # slots after the stats
+
+
 class _Counters:
-    """Shared-memory counters, so DataLoader worker processes report to the main process."""
+    """Shared memory between the main process and its (persistent) DataLoader workers: the
+    stats, and which pass (and epoch) is current. Workers stamp their counts with the pass
+    they read, so work left over from an abandoned pass never counts in the next one."""
 
-    def __init__(self) -> None:
-        self.array = multiprocessing.get_context().Array("q", len(STAT_NAMES))
+    def __init__(self, epoch: int) -> None:
+        self.array = multiprocessing.get_context().Array("q", len(STAT_NAMES) + 2)
+        self.array[_EPOCH] = epoch
 
-    def add(self, name: str, n: int = 1) -> None:
+    def add(self, pass_id: int, **counts: int) -> None:
         with self.array.get_lock():
-            self.array[STAT_NAMES.index(name)] += n
+            if self.array[_PASS] == pass_id:
+                for name, n in counts.items():
+                    self.array[STAT_NAMES.index(name)] += n
 
-    def reset(self) -> None:
+    def begin_pass(self, epoch: int) -> None:
+        """Main process, before a pass: zero the stats, set the epoch workers will read."""
         with self.array.get_lock():
-            self.array[:] = [0] * len(STAT_NAMES)
+            self.array[: len(STAT_NAMES)] = [0] * len(STAT_NAMES)
+            self.array[_PASS] += 1
+            self.array[_EPOCH] = epoch
+
+    def current(self) -> tuple[int, int]:
+        """(pass id, epoch) of the pass now starting: read by each worker as it starts."""
+        with self.array.get_lock():
+            return self.array[_PASS], self.array[_EPOCH]
 
     def snapshot(self) -> LoaderStats:
         with self.array.get_lock():
-            return LoaderStats(*self.array[:])
+            return LoaderStats(*self.array[: len(STAT_NAMES)])
 
 
 class ShardStream(IterableDataset):
@@ -151,6 +167,7 @@ class ShardStream(IterableDataset):
         self.shard_sizes = [s.num_samples for s in info.split(split).shards]
         self.image_bytes = int(np.prod(info.image_shape))
         self._logged = 0
+        self._pass = 0
 
     def plan(self, worker: int = 0) -> WorkerPlan:
         c = self.part
@@ -166,17 +183,36 @@ class ShardStream(IterableDataset):
         return ranks[c.rank].workers[worker]
 
     def __iter__(self) -> Iterator[Batch]:
+        """This worker's batches, up to `handoff_batches` of them per yielded Batch when it
+        runs in a DataLoader worker process (the main process splits them again): the
+        per-object cost of the hand-off between processes is paid per unit, not per batch."""
         worker_info = get_worker_info()
         worker = worker_info.id if worker_info is not None else 0
+        self._pass, epoch = self.counters.current()  # persistent workers: the epoch now
+        self.part = c = replace(self.part, epoch=epoch)
         plan = self.plan(worker)
-        c = self.part
         seed_words = [c.seed, c.epoch, c.rank, worker]
         rand = random.Random(":".join(map(str, seed_words))).random
         np_rng = np.random.default_rng(seed_words)
         samples = self._read(plan.slices)
         if c.training:
             samples = _shuffled(samples, self.data.shuffle_buffer, rand)
-        yield from self._batches(samples, plan, rand, np_rng, worker)
+        unit: list[tuple[list[Sample], int]] = []
+        per_unit, most = 1, self.handoff_batches if worker_info is not None else 1
+        for piece in self._batches(samples, plan, rand, worker):
+            unit.append(piece)
+            if len(unit) == per_unit:
+                yield self._collate(unit, np_rng)
+                # Units grow 1, 2, 4, ... batches: the first batch of a pass comes as soon
+                # as in-process, and a pass cut short leaves little unused work behind.
+                unit, per_unit = [], min(2 * per_unit, most)
+        if unit:
+            yield self._collate(unit, np_rng)
+
+    @property
+    def handoff_batches(self) -> int:
+        """Batches per hand-off from a worker process (data.handoff_samples, at least one)."""
+        return max(1, self.data.handoff_samples // self.part.batch_size)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -292,7 +328,7 @@ class ShardStream(IterableDataset):
         message = f"{url}: sample {shown!r}: {detail}"
         if self.data.on_error == "raise":
             raise DataError(message)
-        self.counters.add(reason)
+        self.counters.add(self._pass, **{reason: 1})
         if self._logged < _MAX_LOGGED:
             self._logged += 1
             log.warning("skipping %s", message)
@@ -301,8 +337,7 @@ class ShardStream(IterableDataset):
         message = f"{url}: {detail}"
         if self.data.on_error == "raise":
             raise DataError(message)
-        self.counters.add("bad_shards")
-        self.counters.add("lost_in_bad_shards", lost)
+        self.counters.add(self._pass, bad_shards=1, lost_in_bad_shards=lost)
         log.warning("bad shard, %d sample(s) lost: %s", lost, message)
 
     # --- batching --------------------------------------------------------------------------
@@ -312,20 +347,20 @@ class ShardStream(IterableDataset):
         samples: Iterator[Sample],
         plan: WorkerPlan,
         rand: Any,
-        np_rng: np.random.Generator,
         worker: int,
-    ) -> Iterator[Batch]:
+    ) -> Iterator[tuple[list[Sample], int]]:
+        """This worker's batches as (samples, how many of them are padding repeats)."""
         bs = self.part.batch_size
         batch: list[Sample] = []
         emitted, last_full = 0, []
         for sample in samples:
             batch.append(sample)
             if len(batch) == bs:
-                yield self._collate(batch, np_rng, padded=0)
+                yield batch, 0
                 emitted, last_full, batch = emitted + 1, batch, []
         if not self.part.training:
             if batch:
-                yield self._collate(batch, np_rng, padded=0)
+                yield batch, 0
             return
         pool = last_full + batch
         while emitted < plan.num_batches:
@@ -335,10 +370,14 @@ class ShardStream(IterableDataset):
                     f"slice(s) of split {self.split!r}, so it cannot yield its {plan.num_batches} batch(es)"
                 )
             fill = [pool[int(rand() * len(pool))] for _ in range(bs - len(batch))]
-            yield self._collate(batch + fill, np_rng, padded=len(fill))
+            yield batch + fill, len(fill)
             emitted, batch = emitted + 1, []
 
-    def _collate(self, batch: list[Sample], np_rng: np.random.Generator, padded: int) -> Batch:
+    def _collate(
+        self, pieces: list[tuple[list[Sample], int]], np_rng: np.random.Generator
+    ) -> Batch:
+        """One Batch of uint8 pixels (and pending shifts) from consecutive batches' samples."""
+        batch = [sample for samples, _ in pieces for sample in samples]
         n, shape = len(batch), self.info.image_shape
         # bytearray.join gives a writable buffer, so torch needs no extra copy or warning.
         pixels = np.frombuffer(bytearray().join(image for image, _, _ in batch), dtype=np.uint8)
@@ -348,30 +387,24 @@ class ShardStream(IterableDataset):
             part_pixels = bytearray().join(b"".join(s[2][0]) for s in batch)  # type: ignore[index]
             parts_u8 = np.frombuffer(part_pixels, dtype=np.uint8).reshape(n, -1, *shape)
             part_classes = torch.tensor([s[2][1] for s in batch], dtype=torch.int64)  # type: ignore[index]
+        shifts, p = None, 0
         if self.part.training and self.data.augment and self.data.max_shift:
-            # One offset per sample, applied to its parts too: each part stays the exact
-            # reconstruction target of its object in the shifted input.
+            # One offset per sample, applied to its parts too (in Batch.to): each part stays
+            # the exact reconstruction target of its object in the shifted input.
+            # Drawn per batch, so the offsets do not depend on how batches are handed over.
             p = self.data.max_shift
-            dy, dx = random_offsets(n, p, np_rng)
-            images_u8 = shift_images(images_u8, dy, dx, p)
-            if parts_u8 is not None:
-                K = parts_u8.shape[1]
-                flat = shift_images(
-                    parts_u8.reshape(n * K, *shape), np.repeat(dy, K), np.repeat(dx, K), p
-                )
-                parts_u8 = flat.reshape(n, K, *shape)
-        images = torch.from_numpy(images_u8).to(torch.float32).div_(255.0)
-        parts = None if parts_u8 is None else torch.from_numpy(parts_u8).to(torch.float32) / 255.0
+            drawn = [np.stack(random_offsets(len(s), p, np_rng), axis=1) for s, _ in pieces]
+            shifts = torch.from_numpy(np.concatenate(drawn))
+        images = torch.from_numpy(images_u8)
+        parts = None if parts_u8 is None else torch.from_numpy(parts_u8)
         if self.info.label_kind == "index":
             labels = torch.tensor([label for _, label, _ in batch], dtype=torch.int64)
         else:
             hot = np.frombuffer(bytearray().join(label for _, label, _ in batch), dtype=np.uint8)
             labels = torch.from_numpy(hot.reshape(n, self.info.num_classes)).to(torch.float32)
-        with self.counters.array.get_lock():
-            self.counters.array[STAT_NAMES.index("samples")] += n - padded
-            self.counters.array[STAT_NAMES.index("batches")] += 1
-            self.counters.array[STAT_NAMES.index("padded")] += padded
-        return Batch(images, labels, parts, part_classes)
+        padded = sum(p for _, p in pieces)
+        self.counters.add(self._pass, samples=n - padded, batches=len(pieces), padded=padded)
+        return Batch(images, labels, parts, part_classes, shifts=shifts, max_shift=p)
 
 
 def _shuffled(items: Iterator[Sample], size: int, rand: Any) -> Iterator[Sample]:
@@ -392,13 +425,15 @@ def _shuffled(items: Iterator[Sample], size: int, rand: Any) -> Iterator[Sample]
 
 
 class ShardLoader:
-    """Iterable of `Batch`es (images float32 [B,C,H,W] in [0,1], labels, parts) for one rank
-    and epoch."""
+    """Iterable of `Batch`es (uint8 pixels and pending shifts: call `.to(device)`) for one rank
+    and epoch; iterate it again for the next pass, after `set_epoch` in training. Its worker
+    processes persist across passes (data.persistent_workers) until `close()`."""
 
     def __init__(self, info: DatasetInfo, split: str, data: DataConfig, part: Pass):
         self.info, self.split, self.data, self.part = info, split, data, part
-        self._counters = _Counters()
+        self._counters = _Counters(part.epoch)
         self.dataset = ShardStream(info, split, data, part, self._counters)
+        self._loader: DataLoader | None = None
 
     def _workers(self) -> range:
         return range(max(self.data.loader_workers, 1))
@@ -423,17 +458,28 @@ class ShardLoader:
         self.dataset.part = self.part
 
     def __iter__(self) -> Iterator[Batch]:
-        self._counters.reset()
+        self._counters.begin_pass(self.part.epoch)
         if self.data.loader_workers == 0:
             return iter(self.dataset)
-        loader = DataLoader(
-            self.dataset,
-            batch_size=None,  # workers yield whole batches
-            num_workers=self.data.loader_workers,
-            pin_memory=self.data.pin_memory,
-            prefetch_factor=self.data.prefetch_factor,
-        )
-        return iter(loader)
+        if self._loader is None or not self.data.persistent_workers:
+            self._loader = DataLoader(
+                self.dataset,
+                batch_size=None,  # workers yield whole batches (handoff_batches at a time)
+                num_workers=self.data.loader_workers,
+                pin_memory=self.data.pin_memory,
+                prefetch_factor=self.data.prefetch_factor,
+                persistent_workers=self.data.persistent_workers,
+            )
+        units = iter(self._loader)  # now: the workers start preparing this pass at once
+        size = self.part.batch_size
+        return (batch for unit in units for batch in unit.split(size))
+
+    def close(self) -> None:
+        """Stop persistent worker processes now (garbage collection stops them too)."""
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._loader = None
 
 
 def make_loader(

@@ -12,15 +12,16 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from capscore import build_model
-from pipeline.config import RunConfig, absolute_path, is_remote, parse_run_config
-from pipeline.data import DatasetInfo, ShardLoader, load_dataset_info, make_loader
+from pipeline.config import RunConfig, TrainSection, absolute_path, is_remote, parse_run_config
+from pipeline.data import Batch, DatasetInfo, ShardLoader, load_dataset_info, make_loader
 from pipeline.evaluate import EvalResult, IncompleteEvaluationError, evaluate, require_complete
 from pipeline.figures import save_reconstructions
 from pipeline.torch_utils import autocast_for, unwrap
@@ -145,8 +146,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext) -> None:
                 flush=True,
             )
     state.model = ctx.prepare_model(state.model)  # moves to the device; DDP when world_size > 1
-    if cfg.train.compile:
-        state.model = torch.compile(state.model)
+    step_fn = TrainStep(state, cfg.train, device)
     log = RunLog(
         run_dir, enabled=rank0, report_to=cfg.run.report_to, name=cfg.run.name, config=cfg.to_dict()
     )
@@ -157,10 +157,12 @@ def _train(cfg: RunConfig, ctx: WorkerContext) -> None:
         return
 
     start = state.next_epoch
+    loaders = Loaders.open(cfg, info, ctx, start)
     try:
         for epoch in range(start, cfg.train.epochs):
-            _run_epoch(state, cfg, info, epoch, ctx, log, storage, run_dir, first=epoch == start)
+            _run_epoch(state, step_fn, cfg, loaders, epoch, ctx, log, storage, run_dir)
     except (NonFiniteLossError, IncompleteEvaluationError) as err:  # the same on every rank
+        loaders.close()
         log.close()
         if rank0:
             write_fatal(run_dir, err)
@@ -169,33 +171,90 @@ def _train(cfg: RunConfig, ctx: WorkerContext) -> None:
         ctx.fail(err)
         return
     except BaseException:
+        loaders.close()
         log.close()
         if storage is not None:
             storage.push()  # best effort: what the run has so far (a warning if it fails)
         raise
+    loaders.close()
     log.close()
     if storage is not None:
         storage.push(strict=True)  # the run's artifacts must reach storage_path
 
 
+@dataclass
+class Loaders:
+    """The run's loaders, opened once: their worker processes persist across epochs (shards
+    are checked once, not per epoch)."""
+
+    train: ShardLoader
+    eval: ShardLoader
+    preview: Batch | None
+    """The first 8 eval images for the reconstructions figure (rank 0, decoder models)."""
+    ahead: tuple[int, Iterator[Batch]] | None = None
+    """(epoch, its train pass), started before that epoch (see start_ahead)."""
+
+    def train_pass(self, epoch: int) -> Iterator[Batch]:
+        """The train batches of `epoch` (the pass start_ahead began, if it was this one)."""
+        if self.ahead is not None and self.ahead[0] == epoch:
+            batches = self.ahead[1]
+        else:
+            self.train.set_epoch(epoch)
+            batches = iter(self.train)
+        self.ahead = None
+        return batches
+
+    def start_ahead(self, epoch: int) -> None:
+        """Start `epoch`'s train pass now, so its loader workers fill their shuffle buffers
+        and first batches while this epoch evaluates and checkpoints (off the critical path).
+        Call after the finished pass's loader stats were read: starting resets them."""
+        self.train.set_epoch(epoch)
+        self.ahead = (epoch, iter(self.train))
+
+    @classmethod
+    def open(cls, cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext, epoch: int) -> Loaders:
+        train = _train_loader(cfg, info, ctx, epoch)
+        evaluation = _eval_loader(cfg, info, ctx)
+        preview = None
+        if ctx.world_rank == 0:
+            # In this process, 8 samples: no pass over the split, no worker processes.
+            first = make_loader(
+                cfg.data.model_copy(update={"loader_workers": 0}),
+                cfg.data.eval_split,
+                info=info,
+                batch_size=8,
+                training=False,
+                verify_checksums=False,
+                check_remote=False,
+            )
+            preview = next(iter(first), None)
+        return cls(train, evaluation, preview)
+
+    def close(self) -> None:
+        self.train.close()
+        self.eval.close()
+
+
 def _run_epoch(
     state: TrainState,
+    step_fn: TrainStep,
     cfg: RunConfig,
-    info: DatasetInfo,
+    loaders: Loaders,
     epoch: int,
     ctx: WorkerContext,
     log: RunLog,
     storage: RunStorage | None,
     run_dir: Path,
-    first: bool,
 ) -> None:
     """Train, evaluate, checkpoint (rank 0, when due), report, log and push one epoch."""
     rank0, device = ctx.world_rank == 0, ctx.device
     _maybe_crash(cfg, epoch, rank0)
-    stats = _train_epoch(state, cfg, info, epoch, ctx, first=first, log=log)
+    stats = _train_epoch(state, cfg, loaders, epoch, ctx, log, step_fn)
+    if epoch + 1 < cfg.train.epochs:
+        loaders.start_ahead(epoch + 1)
     result = evaluate(
         state.model,
-        _eval_loader(cfg, info, ctx, first),
+        loaders.eval,
         device,
         autocast_for(cfg.train.precision, device),
         ctx.distributed,
@@ -223,11 +282,12 @@ def _run_epoch(
     )
     folder = None
     if rank0:
-        if _checkpoint_due(cfg, epoch):
+        if _checkpoint_due(cfg, epoch):  # the figure too: both cost per epoch, not per step
             folder = ctx.checkpoint_folder(checkpoint_name(epoch + 1), run_dir)
             state.save(folder, run_config=cfg.to_dict(), metrics=metrics)
-        _figures(unwrap(state.model), cfg, info, device, run_dir)
-        log.image("reconstructions", run_dir / "reconstructions.png", epoch + 1)
+            if loaders.preview is not None:
+                _figures(unwrap(state.model), loaders.preview, device, run_dir)
+                log.image("reconstructions", run_dir / "reconstructions.png", epoch + 1)
         print(
             f"[capsnet] epoch {epoch + 1}/{cfg.train.epochs} test acc {result.accuracy:.4f} "
             f"loss {stats.loss:.4f} {metrics['images_per_s']:.0f} img/s",
@@ -257,9 +317,7 @@ def _storage(cfg: RunConfig, run_dir: Path, ctx: WorkerContext) -> RunStorage | 
     return RunStorage(cfg.run.storage_path, cfg.run.name, run_dir, ignore=ignore)
 
 
-def _train_loader(
-    cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext, epoch: int, first: bool
-) -> ShardLoader:
+def _train_loader(cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext, epoch: int) -> ShardLoader:
     return make_loader(
         cfg.data,
         cfg.data.train_split,
@@ -270,12 +328,10 @@ def _train_loader(
         epoch=epoch,
         seed=cfg.train.seed,
         training=True,
-        verify_checksums=cfg.data.verify_checksums and first,
-        check_remote=first,  # probe http(s) shards once per session, not every epoch
     )
 
 
-def _eval_loader(cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext, first: bool) -> ShardLoader:
+def _eval_loader(cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext) -> ShardLoader:
     return make_loader(
         cfg.data,
         cfg.data.eval_split,
@@ -284,26 +340,67 @@ def _eval_loader(cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext, first: b
         rank=ctx.world_rank,
         world_size=ctx.world_size,
         training=False,
-        verify_checksums=cfg.data.verify_checksums and first,
-        check_remote=first,
     )
+
+
+class TrainStep:
+    """One optimizer step on a loader batch, with no host sync: returns the [total, *parts]
+    losses as a device tensor (the caller checks them every log_every steps).
+
+    The fast paths live here, not in capscore: autocast by train.precision (capscore keeps
+    squash, routing logits/softmax and the losses in fp32), and with train.compile the
+    forward + loss compiled as one graph and, on CUDA, channels-last convolutions."""
+
+    def __init__(self, state: TrainState, train: TrainSection, device: torch.device):
+        self.state, self.device = state, device
+        self.autocast = autocast_for(train.precision, device)
+        self.channels_last = train.compile and device.type == "cuda"
+        if self.channels_last:
+            state.model.to(memory_format=torch.channels_last)
+        self.losses = torch.compile(self._losses) if train.compile else self._losses
+        self.names: list[str] = []
+
+    def _losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        model = self.state.model
+        with self.autocast:
+            out = model(batch.images, batch.labels, part_classes=batch.part_classes)
+            loss = unwrap(model).loss(out, batch.images, batch.labels, batch.parts)
+        return {"total": loss.total, **loss.parts}
+
+    def __call__(self, batch: Batch, poison: bool = False) -> torch.Tensor:
+        """`poison`: TEST ONLY fault injection, the loss becomes NaN."""
+        batch = batch.to(self.device, non_blocking=True)  # shifted, float, on the device
+        if self.channels_last:
+            batch = replace(
+                batch, images=batch.images.contiguous(memory_format=torch.channels_last)
+            )
+        losses = self.losses(batch)
+        if poison:
+            losses["total"] = losses["total"] * float("nan")
+        state = self.state
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(losses["total"]).backward()  # a no-op scale unless fp16
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.scheduler.step()
+        self.names = list(losses)
+        return torch.stack([v.detach().float() for v in losses.values()])
 
 
 def _train_epoch(
     state: TrainState,
     cfg: RunConfig,
-    info: DatasetInfo,
+    loaders: Loaders,
     epoch: int,
     ctx: WorkerContext,
-    first: bool,
     log: RunLog,
+    step_fn: TrainStep,
 ) -> EpochStats:
     """One pass over this rank's batches. Loss parts are accumulated on the device and checked
     for NaN/inf every `log_every` steps, so there is no host sync per step."""
-    loader = _train_loader(cfg, info, ctx, epoch, first)
-    model, inner, device = state.model, unwrap(state.model), ctx.device
-    autocast = autocast_for(cfg.train.precision, device)
-    model.train()
+    batches, loader = loaders.train_pass(epoch), loaders.train
+    device = ctx.device
+    state.model.train()
     n_batches = len(loader)
     if cfg.train.max_steps_per_epoch:
         n_batches = min(n_batches, cfg.train.max_steps_per_epoch)
@@ -314,30 +411,15 @@ def _train_epoch(
     fingerprint = torch.zeros((), device=device)
     bar = _progress(n_batches, epoch, cfg, ctx)
     t0 = time.perf_counter()
-    for step, batch in enumerate(loader):
+    for step, batch in enumerate(batches):
         if step >= n_batches:
             break  # the same cap on every rank, so DDP stays in step
-        batch = batch.to(device, non_blocking=True)
-        images, targets = batch.images, batch.labels
-        with autocast:
-            out = model(images, targets, part_classes=batch.part_classes)
-            loss = inner.loss(out, images, targets, batch.parts)
-        if step0 + step == cfg.debug.nan_at_step:  # TEST ONLY fault injection
-            loss.total = loss.total * float("nan")
-        state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss.total).backward()  # a no-op scale unless fp16
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-        state.scheduler.step()
-        names = ["total", *loss.parts]
-        pending.append(
-            torch.stack(
-                [loss.total.detach().float(), *[p.detach().float() for p in loss.parts.values()]]
-            )
-        )
-        samples += images.shape[0]
+        batch = batch.to(device, non_blocking=True)  # shifted, float, on the device
         if step == 0:
-            fingerprint = images.detach().float().sum() + targets.float().sum()
+            fingerprint = batch.images.float().sum() + batch.labels.float().sum()
+        pending.append(step_fn(batch, poison=step0 + step == cfg.debug.nan_at_step))
+        names = step_fn.names
+        samples += len(batch)
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == n_batches:
             block = torch.stack(pending)
             _check_finite(block, names, step0 + step + 1 - len(pending), ctx)
@@ -458,22 +540,11 @@ def _checkpoint_due(cfg: RunConfig, epoch: int) -> bool:
 
 
 @torch.no_grad()
-def _figures(model, cfg: RunConfig, info: DatasetInfo, device, run_dir: Path) -> None:
-    """reconstructions.png from the first 8 eval images, decoder masked by the prediction.
-
-    A streaming loader in this process stops after its first batch, so this reads 8 samples,
-    not another pass (or another set of worker processes) over the eval split."""
+def _figures(model, preview: Batch, device, run_dir: Path) -> None:
+    """reconstructions.png from the first 8 eval images, decoder masked by the prediction."""
     if getattr(model, "decoder", None) is None:
         return
-    first = make_loader(
-        cfg.data.model_copy(update={"loader_workers": 0}),
-        cfg.data.eval_split,
-        info=info,
-        batch_size=8,
-        training=False,
-        verify_checksums=False,
-    )
-    images = next(iter(first)).images.to(device)
+    images = preview.to(device).images
     was_training = model.training
     model.eval()
     out = model(images)

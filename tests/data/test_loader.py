@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline.data import (
+    Batch,
     DataConfig,
     DataError,
     MissingDataError,
@@ -23,7 +24,9 @@ from pipeline.data.augment import shift_images
 from pipeline.data.tario import TarWriter, iter_samples
 
 
-def _fingerprints(images: torch.Tensor, labels: torch.Tensor) -> list[tuple[str, int]]:
+def _fingerprints(batch: Batch) -> list[tuple[str, int]]:
+    batch = batch.to("cpu")  # finished: shifted, float in [0, 1]
+    images, labels = batch.images, batch.labels
     pixels = (images * 255).round().to(torch.uint8).numpy()
     return [
         (hashlib.md5(p.tobytes()).hexdigest(), int(y)) for p, y in zip(pixels, labels, strict=True)
@@ -42,9 +45,13 @@ def _stored(shard_dir, split) -> Counter:
 
 def test_batches_have_documented_types(synthetic_dir, layout):
     loader = open_loader(synthetic_dir, "train", batch_size=32)
-    batch = next(iter(loader))
+    raw = next(iter(loader))
+    # As loaded: uint8 pixels and each sample's pending shift; .to(device) finishes them.
+    assert raw.images.dtype == torch.uint8 and raw.shifts.shape == (32, 2) and raw.max_shift == 2
+    assert raw.shifts.abs().max() <= 2
+    batch = raw.to("cpu")
     images, labels = batch.images, batch.labels
-    assert batch.parts is None and batch.part_classes is None
+    assert batch.parts is None and batch.part_classes is None and batch.shifts is None
     assert images.shape == (32, 1, layout["size"], layout["size"]) and images.dtype == torch.float32
     assert labels.shape == (32,) and labels.dtype == torch.int64
     assert images.min() >= 0.0 and images.max() <= 1.0
@@ -62,7 +69,7 @@ def test_eval_reads_every_sample_exactly_once(synthetic_dir, world, batch):
         assert len(batches) == len(loader)
         assert all(len(b) == batch for b in batches[:-1])
         for b in batches:
-            seen.update(_fingerprints(b.images, b.labels))
+            seen.update(_fingerprints(b))
     assert seen == _stored(synthetic_dir, "test")
 
 
@@ -76,14 +83,14 @@ def test_two_ranks_odd_shard_count_finish_together(synthetic_dir, layout):
         batches = list(loader)
         assert all(len(b) == 24 for b in batches)
         counts.append((len(batches), len(loader)))
-        fingerprints.append({f for b in batches for f in _fingerprints(b.images, b.labels)})
+        fingerprints.append({f for b in batches for f in _fingerprints(b)})
     assert counts[0] == counts[1] == (layout["train"] // 2 // 24,) * 2
     assert not fingerprints[0] & fingerprints[1], "ranks must see different samples"
 
 
 def test_workers_split_the_rank_and_report_stats(synthetic_dir, layout):
     loader = open_loader(synthetic_dir, "test", batch_size=16, loader_workers=2, training=False)
-    seen = Counter(f for b in loader for f in _fingerprints(b.images, b.labels))
+    seen = Counter(f for b in loader for f in _fingerprints(b))
     assert seen == _stored(synthetic_dir, "test")
     stats = loader.stats
     assert (
@@ -109,10 +116,10 @@ def test_augmentation_only_in_training(synthetic_dir):
     plain = open_loader(synthetic_dir, "test", batch_size=250, training=False, augment=True)
     (only,) = list(plain)
     stored = _stored(synthetic_dir, "test")
-    assert Counter(_fingerprints(only.images, only.labels)) == stored  # unshifted
+    assert Counter(_fingerprints(only)) == stored  # unshifted
     shifted = open_loader(synthetic_dir, "train", batch_size=100, augment=True, shuffle_buffer=1)
     unshifted = open_loader(synthetic_dir, "train", batch_size=100, augment=False, shuffle_buffer=1)
-    a, b = next(iter(shifted)).images, next(iter(unshifted)).images
+    a, b = (next(iter(loader)).to("cpu").images for loader in (shifted, unshifted))
     assert not torch.equal(a, b)
     # Same samples in the same order: each augmented image is its original shifted by ≤ 2 px.
     a_u8, b_u8 = ((t * 255).round().to(torch.uint8).numpy() for t in (a, b))
@@ -138,8 +145,7 @@ def test_multi_hot_labels(tmp_path):
             test_samples=10,
         )
     )
-    batch = next(iter(open_loader(tmp_path, "train", batch_size=8)))
-    images, labels = batch.images, batch.labels
+    labels = next(iter(open_loader(tmp_path, "train", batch_size=8))).to("cpu").labels
     assert (
         labels.shape == (8, 5) and labels.dtype == torch.float32 and torch.all(labels.sum(1) == 2)
     )
@@ -254,7 +260,8 @@ def test_source_may_be_a_dataset_info_or_a_copied_tree(synthetic_dir, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(synthetic_dir, moved)  # shard names are relative to dataset.json
     assert load_dataset_info(moved).base_url == str(moved)
-    images = torch.cat([b.images for b in open_loader(moved, "test", batch_size=50, training=False)])
+    loader = open_loader(moved, "test", batch_size=50, training=False)
+    images = torch.cat([b.to("cpu").images for b in loader])
     assert images.shape[0] == 250 and np.isfinite(images.numpy()).all()
 
 

@@ -39,10 +39,12 @@ def test_fashion_mnist_idx_shards_round_trip(fashion_dir, tmp_path):
     assert info.image_shape == (1, 28, 28) and info.num_classes == 10
     test_images = read_idx(str(fashion_dir / "t10k-images-idx3-ubyte.gz"))
     loader = open_loader(tmp_path, "test", batch_size=100, training=False)
-    images = np.concatenate([(b.images * 255).round().byte().numpy() for b in loader])
+    images = np.concatenate([(b.to("cpu").images * 255).round().byte().numpy() for b in loader])
     assert len(images) == 500
     # Every shard image is one of the real test images (a random subset, shuffled).
     real = {img.tobytes() for img in test_images}
     assert all(img[0].tobytes() in real for img in images)
-    labels = np.concatenate([b.labels.numpy() for b in open_loader(tmp_path, "train", batch_size=100)])
+    labels = np.concatenate(
+        [b.labels.numpy() for b in open_loader(tmp_path, "train", batch_size=100)]
+    )
     assert len(labels) == 2000 and len(np.unique(labels)) == 10

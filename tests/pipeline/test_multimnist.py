@@ -27,7 +27,7 @@ def test_loader_yields_each_digit_and_its_class(multimnist_shards, training):
     loader = open_loader(
         multimnist_shards, "train" if training else "test", batch_size=50, training=training
     )
-    batch = next(iter(loader))
+    batch = next(iter(loader)).to("cpu")  # finished: shifted, float in [0, 1]
     assert batch.images.shape == (50, 1, 36, 36) and batch.parts.shape == (50, 2, 1, 36, 36)
     assert batch.part_classes.shape == (50, 2) and batch.part_classes.dtype == torch.int64
     # The multi-hot label is exactly the two part classes ...
@@ -41,8 +41,8 @@ def test_loader_yields_each_digit_and_its_class(multimnist_shards, training):
 
 def test_training_shift_moves_parts_with_the_input(multimnist_shards):
     kw = dict(batch_size=40, shuffle_buffer=1, training=True)
-    shifted = next(iter(open_loader(multimnist_shards, "train", augment=True, **kw)))
-    plain = next(iter(open_loader(multimnist_shards, "train", augment=False, **kw)))
+    shifted = next(iter(open_loader(multimnist_shards, "train", augment=True, **kw))).to("cpu")
+    plain = next(iter(open_loader(multimnist_shards, "train", augment=False, **kw))).to("cpu")
     assert torch.equal(shifted.part_classes, plain.part_classes)  # same samples, same order
     assert not torch.equal(shifted.parts, plain.parts)
     offsets = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]

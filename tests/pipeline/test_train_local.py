@@ -124,8 +124,8 @@ def test_non_finite_loss_names_step_and_part(tiny_shards, tiny_config, tmp_path,
     original = CapsNet.loss
     calls = {"n": 0}
 
-    def poisoned(self, out, images, targets):
-        loss = original(self, out, images, targets)
+    def poisoned(self, out, images, targets, parts=None):
+        loss = original(self, out, images, targets, parts)
         calls["n"] += 1
         if calls["n"] == 5:  # global step 4, 0-based
             loss.parts["reconstruction"] = loss.parts["reconstruction"] * float("nan")
