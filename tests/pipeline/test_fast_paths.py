@@ -193,3 +193,23 @@ def test_cuda_step_makes_no_device_sync(precision, compile):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(torch.stack(losses)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_bf16_predicts_what_fp32_predicts(compile):
+    """On the device: bf16 autocast (compiled or not) against fp32, with the CPU test's
+    tolerances (lengths within 0.01, the same class where fp32's top-two margin > 0.02)."""
+    model = _trained_state().model.cuda().eval()
+    images = _loader_batch(n=64, seed=99).to("cuda").images
+    with torch.no_grad():
+        fp32 = model(images)
+        fast = torch.compile(model) if compile else model
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = fast(images)
+    torch.testing.assert_close(bf16.lengths.float(), fp32.lengths, atol=1e-2, rtol=0)
+    top2 = fp32.lengths.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.02
+    assert clear.sum() >= 16
+    assert torch.equal(bf16.scores.argmax(1)[clear], fp32.scores.argmax(1)[clear])
