@@ -35,19 +35,15 @@ def save_reconstructions(
     path: Path,
     predicted: torch.Tensor | None = None,
 ) -> None:
-    """Inputs (top row) above their reconstructions (bottom row)."""
-    plt = _pyplot()
-    n = images.shape[0]
-    fig, axes = plt.subplots(2, n, figsize=(1.2 * n, 2.6), squeeze=False)
-    for k in range(n):
-        for row, batch in enumerate((images, reconstructions)):
-            ax = axes[row][k]
-            ax.imshow(_image(batch[k]), cmap="gray", vmin=0, vmax=1)
-            ax.axis("off")
-        if predicted is not None:
-            axes[1][k].set_title(f"pred {int(predicted[k])}", fontsize=7)
-    axes[0][0].set_title("input", fontsize=7, loc="left")
-    _save(fig, path)
+    """Inputs (top row) above their reconstructions (bottom row), labelled with the predicted
+    class; one tiled image (`save_image_grid`), cheap enough to draw with every checkpoint."""
+    labels = [f"pred {int(p)}" for p in predicted] if predicted is not None else []
+    save_image_grid(
+        torch.stack([images, reconstructions.view_as(images)]),
+        path,
+        row_labels=["input", "recon"],
+        col_labels=labels,
+    )
 
 
 def save_confusion(matrix: torch.Tensor, path: Path, title: str = "") -> None:
