@@ -65,8 +65,12 @@ class ClassCapsules(nn.Module):
         u_hat_IBK = torch.bmm(u_BIP.transpose(0, 1), self.weight_IPK)
         return u_hat_IBK.view(I, B, self.num_out, self.out_dim).transpose(0, 1)
 
-    def forward(self, u_BIP: torch.Tensor, a_BI: torch.Tensor | None = None) -> RoutingOutput:
+    def forward(
+        self, u_BIP: torch.Tensor, a_BI: torch.Tensor | None = None, iterations: int | None = None
+    ) -> RoutingOutput:
         """Parent poses [B, J, D], activations [B, J] and couplings [B, I, J].
 
-        `a_BI`: the children's activations, for routing algorithms that use them."""
-        return self.routing(self.predictions(u_BIP), a_BI)
+        `a_BI`: the children's activations, for routing algorithms that use them;
+        `iterations`: run the routing for this many iterations instead of its config's (for
+        algorithms that have iterations; e.g. an inference sweep)."""
+        return self.routing(self.predictions(u_BIP), a_BI, iterations)

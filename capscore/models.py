@@ -10,6 +10,7 @@ The pipeline trains and evaluates either without knowing which it has.
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -92,19 +93,22 @@ class CapsNet(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         part_classes: torch.Tensor | None = None,
+        routing_iterations: int | None = None,
     ) -> CapsNetOutput:
         """Class capsules and reconstructions.
 
         The decoder sees the capsule(s) of `targets` (training) or the longest one (evaluation).
         With `part_classes` [B, K] (class indices, e.g. MultiMNIST's two digits) it instead
         reconstructs K images per input, the k-th from capsule part_classes[:, k] alone.
+        `routing_iterations` runs the routing for that many iterations instead of the config's
+        (algorithms with iterations only; e.g. an inference-time sweep).
         """
         h = torch.relu(self.conv1(images))  # [B, 256, 20, 20]
         u_BIP = self.primary(h)  # [B, 1152, 8]
         # Children's activations for routings that weigh votes by them: the primary capsule
         # lengths (in [0, 1) after squash), the vector-capsule reading of "presence".
         a_BI = u_BIP.float().norm(dim=-1) if self.classes.routing.needs_activations else None
-        routed = self.classes(u_BIP, a_BI)  # poses [B, 10, 16], activations [B, 10], c [B, I, 10]
+        routed = self.classes(u_BIP, a_BI, routing_iterations)  # poses [B, 10, 16], activations [B, 10], c [B, I, 10]
         v_BJD, lengths_BJ = routed.poses, routed.activations
         recon = None
         if self.decoder is not None:
@@ -199,6 +203,16 @@ class ModelSpec:
     config: type
     presets: dict[str, Callable[..., Any]] = field(default_factory=dict)
     default_preset: str = ""
+
+    @property
+    def registries(self) -> dict[str, dict[str, Any]]:
+        """Config fields whose value is a config of a registry entry, picked by its "name"
+        (CapsNet's `routing` -> ROUTINGS), as {field: registry}."""
+        return {
+            f.name: f.metadata["registry"]
+            for f in dataclasses.fields(self.config)
+            if "registry" in f.metadata
+        }
 
     def make_config(self, preset: str | None = None, overrides: dict[str, Any] | None = None):
         """The config of `preset` (default: the paper's) with `overrides` applied (nested

@@ -16,7 +16,7 @@ input activations is added here, as one ``ROUTINGS`` entry, without touching its
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -114,9 +114,15 @@ class DynamicRouting(nn.Module):
         self.config = config
         self.bias_JD = nn.Parameter(torch.zeros(num_out, out_dim)) if config.bias else None
 
-    def forward(self, u_hat_BIJD: torch.Tensor, a_BI: torch.Tensor | None = None) -> RoutingOutput:
+    def forward(
+        self,
+        u_hat_BIJD: torch.Tensor,
+        a_BI: torch.Tensor | None = None,
+        iterations: int | None = None,
+    ) -> RoutingOutput:
         cfg = self.config
-        v_BJD, c_BIJ = dynamic_routing(u_hat_BIJD, cfg.iterations, cfg.detach_inner, self.bias_JD)
+        r = cfg.iterations if iterations is None else iterations
+        v_BJD, c_BIJ = dynamic_routing(u_hat_BIJD, r, cfg.detach_inner, self.bias_JD)
         return RoutingOutput(poses=v_BJD, activations=v_BJD.float().norm(dim=-1), couplings=c_BIJ)
 
 
@@ -126,6 +132,12 @@ def _check_positive(config: object, name: str) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value <= 0:
         raise ValueError(f"routing.{name} must be a finite number > 0, got {value!r}")
+
+
+def _no_iterations(config: object, iterations: int | None) -> None:
+    """A run-time iteration count for an algorithm that has none is a caller's mistake."""
+    if iterations is not None:
+        raise ValueError(f"routing {getattr(config, 'name', '?')!r} has no iterations setting")
 
 
 # --- uniform: no agreement ------------------------------------------------------------------
@@ -152,7 +164,13 @@ class UniformRouting(nn.Module):
         super().__init__()
         self.config = config
 
-    def forward(self, u_hat_BIJD: torch.Tensor, a_BI: torch.Tensor | None = None) -> RoutingOutput:
+    def forward(
+        self,
+        u_hat_BIJD: torch.Tensor,
+        a_BI: torch.Tensor | None = None,
+        iterations: int | None = None,
+    ) -> RoutingOutput:
+        _no_iterations(self.config, iterations)
         B, I, J, _ = u_hat_BIJD.shape
         v_BJD = squash(u_hat_BIJD.sum(dim=1) / J)
         # Same dtype rule as dynamic's couplings: at least float32.
@@ -203,9 +221,12 @@ class EMRoutingConfig:
                 f"routing.cost_norm must be 'standardize' or 'scale', got {self.cost_norm!r}"
             )
 
-    def lambdas(self) -> list[float]:
-        """The inverse temperature of each iteration."""
-        r, lo, hi = self.iterations, self.lambda_first, self.lambda_last
+    def lambdas(self, iterations: int | None = None) -> list[float]:
+        """The inverse temperature of each iteration (of `iterations`, default the config's)."""
+        r = self.iterations if iterations is None else iterations
+        if r < 1:
+            raise ValueError(f"routing iterations must be >= 1, got {r}")
+        lo, hi = self.lambda_first, self.lambda_last
         return [hi] if r == 1 else [lo + (hi - lo) * t / (r - 1) for t in range(r)]
 
 
@@ -328,7 +349,12 @@ class EMRouting(nn.Module):
         self.beta_u_J = nn.Parameter(torch.zeros(num_out))
         self.beta_a_J = nn.Parameter(torch.zeros(num_out))
 
-    def forward(self, u_hat_BIJD: torch.Tensor, a_BI: torch.Tensor | None = None) -> RoutingOutput:
+    def forward(
+        self,
+        u_hat_BIJD: torch.Tensor,
+        a_BI: torch.Tensor | None = None,
+        iterations: int | None = None,
+    ) -> RoutingOutput:
         if a_BI is None:
             raise ValueError("em routing needs the children's activations a_BI")
         cfg = self.config
@@ -337,7 +363,7 @@ class EMRouting(nn.Module):
             a_BI,
             self.beta_u_J,
             self.beta_a_J,
-            cfg.lambdas(),
+            cfg.lambdas(iterations),
             cfg.epsilon,
             cfg.cost_norm == "standardize",
         )
@@ -400,7 +426,13 @@ class AttentionRouting(nn.Module):
         self.config = config
         self.bias_IJ = nn.Parameter(torch.zeros(num_in, num_out))
 
-    def forward(self, u_hat_BIJD: torch.Tensor, a_BI: torch.Tensor | None = None) -> RoutingOutput:
+    def forward(
+        self,
+        u_hat_BIJD: torch.Tensor,
+        a_BI: torch.Tensor | None = None,
+        iterations: int | None = None,
+    ) -> RoutingOutput:
+        _no_iterations(self.config, iterations)
         v_BJD, w_BIJ = attention_routing(u_hat_BIJD, self.bias_IJ)
         lengths_BJ = v_BJD.to(w_BIJ.dtype).norm(dim=-1)
         return RoutingOutput(poses=v_BJD, activations=lengths_BJ, couplings=w_BIJ)
@@ -419,6 +451,16 @@ class RoutingSpec:
     module: type[nn.Module]
     config: type
     description: str
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The config's field names (``name`` first): what a user may set for this algorithm."""
+        return tuple(f.name for f in fields(self.config))
+
+    @property
+    def has_iterations(self) -> bool:
+        """Whether the number of iterations can be chosen (at build time or per forward)."""
+        return "iterations" in self.keys
 
 
 ROUTINGS: dict[str, RoutingSpec] = {

@@ -353,29 +353,88 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings (values parsed as YAML) to a raw config dict.
+def _registry_entry(raw: dict[str, Any], path: list[str]) -> tuple[str, Any] | None:
+    """(name, spec) of the registry entry the nested config at `path` names (e.g. the routing
+    algorithm at model.routing; its default entry when no name is given), or None when `path`
+    is not a registry-backed model field."""
+    if len(path) != 2 or path[0] != "model":
+        return None
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    spec = MODELS.get(model.get("type", "capsnet"))
+    registry = spec.registries.get(path[1]) if spec else None
+    if registry is None:
+        return None
+    node = model.get(path[1])
+    name = node.get("name", next(iter(registry))) if isinstance(node, dict) else next(iter(registry))
+    return (name, registry[name]) if name in registry else None
 
-    Under `search.space` the rest of the key is one dotted run-config key:
-    `search.space.train.lr={loguniform: [1e-4, 1e-2]}` sets the space's "train.lr"."""
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(f"{item!r}: overrides look like section.key=value")
-        parts = key.strip().split(".")
-        if parts[:2] == ["search", "space"] and len(parts) > 2:
-            parts = [*parts[:2], ".".join(parts[2:])]
-        *path, leaf = parts
+
+def place(raw: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    """Set each dotted key of `params` in the raw config `raw` (in place), by the one rule for
+    registry-backed model configs (`model.routing`), shared by `--set` and Tune searches:
+
+    - a `name` that picks another entry (model.routing.name=uniform) replaces the whole nested
+      config with that entry's defaults: the old algorithm's keys mean nothing to the new one;
+    - a key the chosen entry does not have (model.routing.iterations for uniform) is not set.
+
+    Switches are applied first, so the other keys land on the chosen entry. Returns the keys
+    that were not set (the caller decides: an error for --set, "n/a" in a search's results).
+    """
+    skipped = []
+    for key in sorted(params, key=lambda k: not k.endswith(".name")):  # stable: switches first
+        *path, leaf = key.split(".")
         node = raw
         for part in path:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part} is not a section")
+        entry = _registry_entry(raw, path)
+        if entry is not None and leaf == "name":
+            if params[key] != entry[0]:
+                node.clear()
+        elif entry is not None and leaf not in entry[1].keys:
+            skipped.append(key)
+            continue
+        node[leaf] = params[key]
+    return skipped
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`section.key=value` strings -> {dotted key: value} (values parsed as YAML; a later
+    repeat of a key wins). Under `search.space` the rest of the key is one run-config key:
+    `search.space.train.lr={loguniform: [1e-4, 1e-2]}` sets the space's "train.lr"."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: overrides look like section.key=value")
         try:
-            node[leaf] = yaml.safe_load(value)
+            out[key] = yaml.safe_load(value)
         except yaml.YAMLError as err:
-            raise ConfigError(f"{key}: cannot parse value {value!r} ({err})") from None
+            raise ConfigError(f"--set {key}: cannot parse value {value!r} ({err})") from None
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A copy of the raw config dict with `--set` overrides applied (see `place`); a key that
+    the chosen routing algorithm does not have is an error naming the keys it has."""
+    raw = copy.deepcopy(raw)
+    params = parse_overrides(overrides)
+    space = {k: v for k, v in params.items() if k.startswith("search.space.")}
+    for key, value in space.items():
+        raw.setdefault("search", {}).setdefault("space", {})
+        if not isinstance(raw["search"]["space"], dict):
+            raise ConfigError(f"{key}: search.space is not a section")
+        raw["search"]["space"][key.removeprefix("search.space.")] = value
+    errors = []
+    for key in place(raw, {k: v for k, v in params.items() if k not in space}):
+        name, spec = _registry_entry(raw, key.split(".")[:-1])  # type: ignore[misc]
+        errors.append(
+            f"--set {key}: routing {name!r} has no such key; its keys: {', '.join(spec.keys)}"
+        )
+    if errors:
+        raise_config_error(errors)
     return raw
 
 
