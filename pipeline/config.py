@@ -4,20 +4,25 @@ A run config has five sections; every field is documented below (and shown by
 `capsnet train --print-config`):
 
     data:  where the shards are and how they are read (pipeline.data.DataConfig)
-    model: `type` (a capscore.MODELS name), `preset` (a named config of that family) and any
-           field of its config class as an override, e.g. {type: capsnet, preset: tiny,
+    model: capscore's own config object (CapsNetConfig or BaselineCNNConfig), written in YAML
+           as `type` (a capscore.MODELS name), an optional `preset` (a named config of that
+           family) and any field of the config class, e.g. {type: capsnet, preset: tiny,
            routing: {iterations: 1}}
     train: optimisation, batch sizes (global), precision, epochs, seed
     run:   Ray assembly: name, storage, workers, GPUs, failures, checkpoints
-    debug: test-only hooks (fault injection)
+    debug: test-only hooks (fault injection; not shown by --print-config)
 
-Dicts exist only at the Ray boundary: ``RunConfig.to_dict()`` goes in, ``parse_run_config``
-rebuilds (and re-validates) it on the worker's first line.
+The model fields that describe the data (image_size, in_channels, num_classes) come from the
+shards' dataset.json unless the config gives them: `RunConfig.for_data` fills them, once, on
+the driver. A setting changes form twice on its way to the model: YAML -> this object (parsed
+once at the CLI), and `to_dict()` -> `parse_run_config` on each Ray worker.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -27,6 +32,7 @@ from pydantic import (
     Discriminator,
     Field,
     PlainValidator,
+    PrivateAttr,
     Tag,
     TypeAdapter,
     ValidationError,
@@ -34,9 +40,10 @@ from pydantic import (
     model_validator,
 )
 
-from capscore import MODELS
+from capscore import MODELS, model_kind
 from pipeline.data.config import DataConfig
 from pipeline.schema import (
+    RESUME_SAFE,
     Bool,
     ConfigError,
     Float,
@@ -48,11 +55,11 @@ from pipeline.schema import (
     plain,
     raise_config_error,
 )
+from pipeline.schema import resume_safe_keys as _resume_safe_keys
 
 __all__ = [
     "ConfigError",
     "DataConfig",
-    "ModelSection",
     "RunConfig",
     "absolute_path",
     "apply_overrides",
@@ -60,10 +67,15 @@ __all__ = [
     "load_config",
     "load_yaml",
     "parse_run_config",
+    "place",
+    "resume_safe_keys",
 ]
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PositiveInt = Annotated[Int, Field(ge=1)]
+
+DATA_FIELDS = ("in_channels", "image_size", "num_classes")
+"""Model config fields that describe the data: filled from the shards unless given."""
 
 
 def is_remote(path: str) -> bool:
@@ -79,45 +91,12 @@ def absolute_path(path: str) -> str:
     return str(Path(path.removeprefix("file://")).expanduser().resolve())
 
 
-# --- model ------------------------------------------------------------------------------------
+# --- model: YAML form -> capscore's config object ----------------------------------------------
 
 
-class ModelSection(Section):
-    """The model family, its preset and the overrides, as given (resolved by `build_config`)."""
-
-    type: Str = "capsnet"
-    """A capscore.MODELS name: capsnet or cnn."""
-    preset: Str = ""
-    """A named config of that family (capsnet: mnist, multimnist, cifar10, tiny; cnn: mnist,
-    tiny); empty = the paper's network for MNIST."""
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    """Fields of the family's config class that differ from the preset."""
-
-    def build_config(
-        self, image_shape: tuple[int, int, int] | None = None, num_classes: int | None = None
-    ) -> Any:
-        """The capscore config: the preset, the data's image shape and classes, then the
-        overrides (an explicit override wins over the data)."""
-        spec = MODELS[self.type]
-        from_data: dict[str, Any] = {}
-        if image_shape is not None:
-            from_data.update(in_channels=image_shape[0], image_size=image_shape[1])
-        if num_classes is not None:
-            from_data.update(num_classes=num_classes)
-        fields = spec.config.__dataclass_fields__
-        values = {k: v for k, v in from_data.items() if k in fields} | self.overrides
-        return spec.make_config(self.preset or None, values)
-
-    def to_yaml_dict(self) -> dict[str, Any]:
-        """The form written in YAML: {type, preset, **overrides}."""
-        out: dict[str, Any] = {"type": self.type}
-        if self.preset:
-            out["preset"] = self.preset
-        return out | plain(self.overrides)
-
-
-def _family_model(kind: str) -> Any:
-    """The strict pydantic form of `model:` for one family: type, preset, typed overrides."""
+def _family_form(kind: str) -> Any:
+    """The strict pydantic form of `model:` for one family: type, preset, typed fields (all
+    optional: a field not given keeps the preset's value)."""
     spec = MODELS[kind]
     return create_model(
         f"{kind}_model",
@@ -127,17 +106,17 @@ def _family_model(kind: str) -> Any:
     )
 
 
-def _model_kind(value: Any) -> str:
+def _model_tag(value: Any) -> str:
     kind = value.get("type", "capsnet") if isinstance(value, dict) else "capsnet"
     return f"<{kind}>"
 
 
-_family_forms = {kind: _family_model(kind) for kind in MODELS}
+_FAMILY_FORMS = {kind: _family_form(kind) for kind in MODELS}
 _MODEL_FORM = TypeAdapter(
     Annotated[
-        Union[tuple(Annotated[form, Tag(f"<{k}>")] for k, form in _family_forms.items())],  # noqa: UP007
+        Union[tuple(Annotated[form, Tag(f"<{k}>")] for k, form in _FAMILY_FORMS.items())],  # noqa: UP007
         Discriminator(
-            _model_kind,
+            _model_tag,
             custom_error_type="unknown_model",
             custom_error_message=f"type must be one of {sorted(MODELS)}",
         ),
@@ -145,15 +124,60 @@ _MODEL_FORM = TypeAdapter(
 )
 
 
+def _given(given: dict[str, Any], parsed: dict[str, Any]) -> dict[str, Any]:
+    """Validated values (floats from '3e-4', ...) for exactly the keys the user gave, nested
+    configs included."""
+    out = {}
+    for key in given:
+        if key in ("type", "preset"):
+            continue
+        value = parsed.get(key)
+        if isinstance(given[key], dict) and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k in given[key]}
+        out[key] = plain(value)
+    return out
+
+
+def parse_model(given: Any) -> tuple[Any, frozenset[str], str]:
+    """The `model:` mapping -> (capscore config object, the fields it leaves to the data, the
+    preset named).
+    Types are checked strictly first (every error at once), then the config class validates
+    the values it alone can judge (e.g. an image too small for the kernels)."""
+    if not isinstance(given, dict):
+        raise_config_error([f"model: must be a mapping, got {given!r}"])
+    try:
+        parsed = _MODEL_FORM.validate_python(given)
+    except ValidationError as err:
+        root = _FAMILY_FORMS.get(given.get("type", "capsnet"))
+        raise_config_error(error_lines(err, ("model",), root=root))
+    values = _given(given, parsed.model_dump(exclude_unset=True, exclude={"type", "preset"}))
+    try:
+        config = MODELS[parsed.type].make_config(parsed.preset or None, values)
+    except (ValueError, TypeError) as err:
+        raise_config_error([f"model: {err}"])
+    return config, frozenset(f for f in DATA_FIELDS if f not in values), parsed.preset
+
+
+def model_to_dict(
+    config: Any, leave_out: frozenset[str] = frozenset(), preset: str = ""
+) -> dict[str, Any]:
+    """The YAML form of a capscore config: its type and every field (the preset expanded), but
+    the fields in `leave_out` (still to come from the data; the preset is kept for them only:
+    it holds their values until the data replaces them)."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in leave_out}
+    head = {"type": model_kind(config)} | ({"preset": preset} if preset and leave_out else {})
+    return head | plain(fields)
+
+
 # --- sections ---------------------------------------------------------------------------------
 
 
 class TrainSection(Section):
-    epochs: PositiveInt = 10
-    """Passes over the training split."""
+    epochs: Annotated[PositiveInt, RESUME_SAFE] = 10
+    """Passes over the training split (a resumed run may extend or shorten it)."""
     batch_size: PositiveInt = 128
     """GLOBAL training batch size, split evenly over the workers (results do not depend on the
-    worker count)."""
+    worker count); the per-worker share is `local_batch_size`."""
     eval_batch_size: PositiveInt = 500
     """GLOBAL evaluation batch size, split over the workers (each takes the ceiling of
     eval_batch_size / num_workers; the split does not change any result)."""
@@ -174,10 +198,24 @@ class TrainSection(Section):
     (tens of seconds); evaluation runs the plain module."""
     seed: Int = 0
     """Seeds model init, data order and augmentation; a 1-worker CPU run is reproducible."""
-    log_every: PositiveInt = 50
+    log_every: Annotated[PositiveInt, RESUME_SAFE] = 50
     """Steps between progress lines (and non-finite loss checks)."""
     max_steps_per_epoch: Annotated[Int, Field(ge=0)] = 0
     """Cap on steps per epoch for quick runs; 0 = the whole split."""
+
+    def local_batch_size(self, world_size: int) -> int:
+        """Each worker's training batch: the global batch_size split evenly (ValueError if it
+        does not split: a remainder would change the optimisation with the worker count)."""
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"train.batch_size: {self.batch_size} must be divisible by "
+                f"run.num_workers={world_size} (it is the global batch size)"
+            )
+        return self.batch_size // world_size
+
+    def local_eval_batch_size(self, world_size: int) -> int:
+        """Each worker's evaluation batch: the ceiling of eval_batch_size / world_size."""
+        return -(-self.eval_batch_size // world_size)
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
@@ -205,35 +243,47 @@ def _bool_or_auto(value: Any) -> bool | str:
     raise ValueError("must be true, false or auto")
 
 
+def _count_or_auto(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError("must be a whole number >= 1, or auto")
+
+
 class RunSection(Section):
     name: Annotated[Str, AfterValidator(_plain_name)] = "capsnet"
     """Stable run name (no slashes): rerunning the same command resumes this run."""
-    storage_path: Str = "runs"
-    """Folder (or s3:// / gs:// URI) that holds <name>/ with checkpoints and metrics."""
-    num_workers: PositiveInt = 1
-    """Training workers (DDP ranks), one GPU each when use_gpu."""
-    use_gpu: Annotated[Bool | Literal["auto"], PlainValidator(_bool_or_auto)] = "auto"
+    storage_path: Annotated[Str, RESUME_SAFE] = "runs"
+    """Folder (or s3:// / gs:// URI) that holds <name>/ with checkpoints and metrics (a
+    resumed run may find it moved or synced elsewhere)."""
+    num_workers: Annotated[int | Literal["auto"], PlainValidator(_count_or_auto)] = "auto"
+    """Training workers (DDP ranks), one GPU each when use_gpu; auto = every GPU of this
+    machine, else one CPU worker (on a cluster, via RAY_ADDRESS, give the number)."""
+    use_gpu: Annotated[Bool | Literal["auto"], PlainValidator(_bool_or_auto), RESUME_SAFE] = (
+        "auto"
+    )
     """Train on GPUs: true, false, or auto = if the cluster (or this machine) has any."""
-    cpus_per_worker: PositiveInt = 1
+    cpus_per_worker: Annotated[PositiveInt, RESUME_SAFE] = 1
     """CPUs reserved per worker (DataLoader workers run inside this budget)."""
-    max_failures: Annotated[Int, Field(ge=-1)] = 2
+    max_failures: Annotated[Int, Field(ge=-1), RESUME_SAFE] = 2
     """Worker/node failures Ray recovers from by restarting from the last checkpoint (-1 =
     unlimited)."""
-    keep_checkpoints: PositiveInt = 2
+    keep_checkpoints: Annotated[PositiveInt, RESUME_SAFE] = 2
     """Checkpoints kept, best by test accuracy (the latest is kept for resuming too)."""
-    checkpoint_every: PositiveInt = 1
+    checkpoint_every: Annotated[PositiveInt, RESUME_SAFE] = 1
     """Epochs between checkpoints (the last epoch always gets one)."""
-    report_to: Annotated[list[Tracker], AfterValidator(_installed)] = Field(
+    report_to: Annotated[list[Tracker], AfterValidator(_installed), RESUME_SAFE] = Field(
         default_factory=lambda: ["tensorboard"]
     )
     """Trackers rank 0 reports to: tensorboard, wandb, mlflow (the last two need
     `pip install -e '.[trackers]'`; W&B reads WANDB_* (WANDB_MODE=offline works), MLflow
     MLFLOW_TRACKING_URI, default: a file store in the run folder's mlruns/)."""
-    resume_from: Str = ""
+    resume_from: Annotated[Str, RESUME_SAFE] = ""
     """A checkpoint.pt (or its folder) to start from when the run has no checkpoint yet."""
 
 
 class DebugSection(Section):
+    resume_safe = True
+
     crash_once_at_epoch: Int = -1
     """TEST ONLY: rank 0 exits hard once at the start of this epoch (fault-injection tests)."""
     crash_marker: Str = ""
@@ -242,63 +292,86 @@ class DebugSection(Section):
     """TEST ONLY: the loss becomes NaN at this global step (0-based) on every rank."""
 
 
+def _model_object(value: Any) -> Any:
+    if not any(type(value) is spec.config for spec in MODELS.values()):
+        raise ValueError(f"must be a capscore config ({sorted(MODELS)}), got {value!r}")
+    return value
+
+
 class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelSection = Field(default_factory=ModelSection)
+    model: Annotated[Any, PlainValidator(_model_object)] = Field(
+        default_factory=lambda: parse_model({})[0]
+    )
+    """capscore's config object for the model (CapsNetConfig or BaselineCNNConfig)."""
     train: TrainSection = Field(default_factory=TrainSection)
     run: RunSection = Field(default_factory=RunSection)
     debug: DebugSection = Field(default_factory=DebugSection)
 
+    _from_data: frozenset[str] = PrivateAttr(default=frozenset(DATA_FIELDS))
+    """Model fields not given by the config: `for_data` fills them from the shards."""
+    _preset: str = PrivateAttr(default="")
+    """The preset the model came from, while `_from_data` fields still hold its values."""
+
     @model_validator(mode="after")
     def _check_together(self) -> RunConfig:
-        workers = self.run.num_workers
-        if self.train.batch_size % workers:
-            raise ValueError(
-                f"train.batch_size: {self.train.batch_size} must be divisible by "
-                f"run.num_workers={workers} (it is the global batch size)"
-            )
-        try:
-            self.model.build_config()  # values the model rejects fail now, not on a worker
-        except ValueError as err:
-            raise ValueError(f"model: {err}") from None
+        if self.run.num_workers != "auto":
+            self.train.local_batch_size(self.run.num_workers)  # the global batch must split
         return self
 
+    def for_data(self, image_shape: tuple[int, ...], num_classes: int) -> RunConfig:
+        """This config for data of this shape: the model fields the config did not give
+        (image size, channels, classes) taken from the data. Idempotent."""
+        channels, size = int(image_shape[0]), int(image_shape[1])
+        data = {"in_channels": channels, "image_size": size, "num_classes": int(num_classes)}
+        values = {k: v for k, v in data.items() if k in self._from_data}
+        try:
+            model = dataclasses.replace(self.model, **values) if values else self.model
+        except ValueError as err:
+            raise ConfigError(f"model: {err} (with the data's {values})") from None
+        out = self.model_copy(update={"model": model})
+        out._from_data, out._preset = frozenset(), ""
+        return out
+
     def build_model_config(
-        self, image_shape: tuple[int, int, int] | None = None, num_classes: int | None = None
+        self, image_shape: tuple[int, ...] | None = None, num_classes: int | None = None
     ) -> Any:
-        """The capscore config of this run for data of this shape (see ModelSection)."""
-        return self.model.build_config(image_shape, num_classes)
+        """The capscore config of this run for data of this shape (see `for_data`)."""
+        if image_shape is None or num_classes is None:
+            return self.model
+        return self.for_data(image_shape, num_classes).model
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (YAML/JSON-able), the form configs are written in; parse_run_config
-        reads it back."""
+        """Plain data (YAML/JSON-able), the form configs are written in; `parse_run_config`
+        reads it back to an equal object. The model is written out in full."""
         out = plain(self.model_dump(exclude={"model"}))
         return {
             "data": out["data"],
-            "model": self.model.to_yaml_dict(),
+            "model": model_to_dict(self.model, self._from_data, self._preset),
             **{k: out[k] for k in ("train", "run", "debug")},
         }
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:
-        """A copy with some keys changed, e.g. replace(run={"num_workers": 1}), re-validated."""
-        raw = self.to_dict()
-        for section, values in sections.items():
-            raw[section] = {**raw[section], **values}
-        return parse_run_config(raw)
+        """A copy with keys of data/train/run/debug changed, e.g. replace(run={"num_workers":
+        1}), each changed section re-validated (what the data fills is kept)."""
+        update = {}
+        for name, values in sections.items():
+            section = getattr(self, name)
+            try:
+                update[name] = type(section).model_validate({**section.model_dump(), **values})
+            except ValidationError as err:
+                raise_config_error(error_lines(err, (name,), root=type(section)))
+        out = self.model_copy(update=update)
+        try:
+            out._check_together()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return out
 
 
-def _given(given: dict[str, Any], parsed: dict[str, Any]) -> dict[str, Any]:
-    """Validated override values (floats from '3e-4', ...) for exactly the keys the user gave,
-    nested configs included."""
-    out = {}
-    for key in given:
-        if key in ("type", "preset"):
-            continue
-        value = parsed.get(key)
-        if isinstance(given[key], dict) and isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k in given[key]}
-        out[key] = plain(value)
-    return out
+def resume_safe_keys() -> list[str]:
+    """The run-config keys a resumed run may change (fields marked RESUME_SAFE)."""
+    return _resume_safe_keys(RunConfig)
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -310,27 +383,20 @@ def parse_run_config(raw: Any, source: str = "") -> RunConfig:
         raise_config_error([f"must be a mapping of sections, got {type(raw).__name__}"], source)
     raw = {k: {} if v is None else v for k, v in raw.items()}  # `debug:` alone = the defaults
     errors: list[str] = []
-    given = raw.get("model") or {}
-    section = ModelSection()
-    if not isinstance(given, dict):
-        errors.append(f"model: must be a mapping, got {given!r}")
-    else:
-        try:
-            parsed = _MODEL_FORM.validate_python(given)
-            overrides = parsed.model_dump(exclude_unset=True, exclude={"type", "preset"})
-            section = ModelSection(
-                type=parsed.type, preset=parsed.preset, overrides=_given(given, overrides)
-            )
-        except ValidationError as err:
-            errors += error_lines(
-                err, ("model",), root=_family_forms.get(given.get("type", "capsnet"))
-            )
+    model, from_data, preset = None, frozenset(DATA_FIELDS), ""
     try:
-        config = RunConfig.model_validate({**raw, "model": section})
+        model, from_data, preset = parse_model(raw.get("model", {}))
+    except ConfigError as err:
+        errors += err.lines
+    rest = {k: v for k, v in raw.items() if k != "model"}
+    config = None
+    try:
+        config = RunConfig.model_validate(rest if model is None else {**rest, "model": model})
     except ValidationError as err:
         errors += error_lines(err, root=RunConfig)
-    if errors:
+    if errors or config is None:
         raise_config_error(errors, source)
+    config._from_data, config._preset = from_data, preset if from_data else ""
     return config
 
 
@@ -438,7 +504,28 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     return raw
 
 
+def blame(lines: list[str], source: str, set_keys: list[str]) -> ConfigError:
+    """One ConfigError whose lines say where each bad value came from: `--set KEY` for the
+    keys given on the command line, the file otherwise."""
+    out = []
+    for line in lines:
+        key = line.split(":", 1)[0]
+        from_set = any(
+            key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in set_keys
+        )
+        out.append(("--set " if from_set else "") + line if from_set or not source else line)
+    from_file = [line for line in out if not line.startswith("--set ")]
+    head = f"{source}: " if source and from_file else ""
+    if len(out) == 1:
+        return ConfigError(head + out[0], out)
+    return ConfigError(f"{head}{len(out)} config errors:\n  " + "\n  ".join(out), out)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config, apply dotted overrides, validate everything."""
     raw = load_yaml(path) if path is not None else {}
-    return parse_run_config(apply_overrides(raw, list(overrides)), str(path or ""))
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return parse_run_config(raw)
+    except ConfigError as err:
+        raise blame(err.lines, str(path or ""), list(parse_overrides(overrides))) from None

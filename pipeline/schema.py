@@ -9,6 +9,7 @@ its dotted key and the value given; the CLI turns a ``ConfigError`` into exit st
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Annotated, Any, Literal, Union
@@ -62,6 +63,34 @@ class Section(BaseModel):
 
     model_config = STRICT
 
+    resume_safe: typing.ClassVar[bool] = False
+    """True for a section whose every key a resumed run may change (e.g. test hooks)."""
+
+
+class _ResumeSafe:
+    """Field marker: a resumed run may change this key (logging, fault tolerance, resources,
+    how data is read), not what is learned or from what. Put it in the field's Annotated."""
+
+    def __repr__(self) -> str:
+        return "RESUME_SAFE"
+
+
+RESUME_SAFE = _ResumeSafe()
+
+
+def resume_safe_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted keys (fnmatch patterns: `debug.*` for a whole section) marked RESUME_SAFE,
+    derived from the fields themselves, so a new field cannot be left off a list."""
+    out = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, Section):
+            out += [f"{key}.*"] if sub.resume_safe else resume_safe_keys(sub, f"{key}.")
+        elif any(m is RESUME_SAFE for m in info.metadata):
+            out.append(key)
+    return out
+
 
 # --- error messages --------------------------------------------------------------------------
 
@@ -84,7 +113,8 @@ def error_lines(
         tail = ""
         if e["type"] == "extra_forbidden":
             known = _known_keys(root, loc[:-1]) if root is not None else []
-            msg = "unknown key"
+            close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+            msg = f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
             tail = f"; known: {', '.join(known)}" if known else ""
         elif e["type"] in ("unknown_name", "unknown_model") and isinstance(given, dict):
             loc.append("name" if e["type"] == "unknown_name" else "type")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import yaml
 
 from pipeline.commands import HelpFormatter, add_config_options
-from pipeline.config import load_config
+from pipeline.config import DATA_FIELDS, RunConfig, load_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,25 +70,33 @@ def run(args: argparse.Namespace) -> int:
     if args.resume_from:
         overrides.append(f"run.resume_from={args.resume_from}")
     cfg = load_config(args.config, overrides)  # every config error surfaces before Ray starts
-    if args.local and cfg.run.num_workers != 1:
-        print(
-            f"[capsnet] --local runs one worker; ignoring run.num_workers={cfg.run.num_workers}",
-            file=sys.stderr,
-        )
-        cfg = cfg.replace(run={"num_workers": 1})
     if args.new_run:
         cfg = cfg.replace(run={"name": f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"})
         print(f"[capsnet] new run: {cfg.run.name}", flush=True)
     if args.print_config:
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print(print_config(cfg), end="")
         return 0
     from pipeline.train.trainer import dry_run, train
 
     if args.dry_run:
-        print(dry_run(cfg, allow_config_change=args.allow_config_change))
+        print(dry_run(cfg, local=args.local, allow_config_change=args.allow_config_change))
         return 0
     summary = train(
         cfg, local=args.local, allow_config_change=args.allow_config_change, verbose=args.verbose
     )
     print(summary.line())
     return 0
+
+
+def print_config(cfg: RunConfig) -> str:
+    """The effective config as YAML, the model written out in full; the test-only `debug:`
+    section left out. Fields that come from the shards are named in a comment."""
+    raw = cfg.to_dict()
+    del raw["debug"]
+    from_data = [k for k in DATA_FIELDS if k not in raw["model"]]
+    note = (
+        f"# model.{', model.'.join(from_data)}: from the shards' dataset.json at start\n"
+        if from_data
+        else ""
+    )
+    return note + yaml.safe_dump(raw, sort_keys=False)

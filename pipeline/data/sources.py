@@ -254,7 +254,7 @@ def _construct(
             import scipy.io  # noqa: F401  (torchvision needs it for the .mat files)
         except ImportError:
             raise DataError(
-                f"{name} needs scipy to read its .mat files: pip install scipy"
+                f"{name} needs scipy to read its .mat files: pip install -e '.[svhn]'"
             ) from None
         return cls(data_dir, split="train" if train else "test", download=download)
     return cls(data_dir, train=train, download=download)

@@ -133,7 +133,9 @@ def _train(cfg: RunConfig, ctx: WorkerContext) -> None:
         storage.check()
         storage.pull()  # metrics, config, index, figures (and local runs' checkpoints)
     info = load_dataset_info(cfg.data.shards, timeout_s=cfg.data.url_timeout_s)
-    model = build_model(cfg.build_model_config(tuple(info.image_shape), info.num_classes))
+    # The driver filled the model from the data already (a Tune trial's may not have): a no-op
+    cfg = cfg.for_data(tuple(info.image_shape), info.num_classes)
+    model = build_model(cfg.model)
     device = ctx.device
     state = TrainState.create(model, cfg.train, device)
     ckpt_path, ckpt = _newest_checkpoint(ctx, run_dir, cfg)
@@ -322,7 +324,7 @@ def _train_loader(cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext, epoch: 
         cfg.data,
         cfg.data.train_split,
         info=info,
-        batch_size=cfg.train.batch_size // ctx.world_size,
+        batch_size=cfg.train.local_batch_size(ctx.world_size),
         rank=ctx.world_rank,
         world_size=ctx.world_size,
         epoch=epoch,
@@ -336,7 +338,7 @@ def _eval_loader(cfg: RunConfig, info: DatasetInfo, ctx: WorkerContext) -> Shard
         cfg.data,
         cfg.data.eval_split,
         info=info,
-        batch_size=-(-cfg.train.eval_batch_size // ctx.world_size),
+        batch_size=cfg.train.local_eval_batch_size(ctx.world_size),
         rank=ctx.world_rank,
         world_size=ctx.world_size,
         training=False,

@@ -1,9 +1,11 @@
 """Whether a rerun resumes, starts fresh, or refuses: decided on the driver, before Ray starts.
 
 A rerun of the same command resumes only if its effective config equals the one the run's
-checkpoints were trained with, except for keys that are safe to change (SAFE_TO_CHANGE).
-Anything else is refused with the diff and the ways out: `--new-run` (a new run name), a new
-`run.name`, or `--allow-config-change`.
+checkpoints were trained with, except for keys that are safe to change (the fields marked
+RESUME_SAFE: `pipeline.config.resume_safe_keys()`). The saved config is read with today's
+defaults for keys it lacks (a run made before a setting existed resumes; the rerun says which
+keys were filled). Anything else is refused with the diff and the ways out: `--new-run` (a new
+run name), a new `run.name`, or `--allow-config-change`.
 """
 
 from __future__ import annotations
@@ -15,34 +17,11 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError, RunConfig, parse_run_config, resume_safe_keys
 from pipeline.schema import flatten
 from pipeline.train.checkpoint import CheckpointIndex
 
 CONFIG_FILE = "config.yaml"
-
-SAFE_TO_CHANGE = (
-    "train.epochs",  # extend (or shorten) a run
-    "train.log_every",
-    "run.max_failures",
-    "run.keep_checkpoints",
-    "run.checkpoint_every",
-    "run.report_to",
-    "run.resume_from",
-    "run.storage_path",  # the run folder was moved or synced
-    "run.cpus_per_worker",
-    "run.use_gpu",
-    "data.loader_workers",
-    "data.prefetch_factor",
-    "data.pin_memory",
-    "data.verify_checksums",
-    "data.on_error",
-    "data.allow_partial_eval",
-    "data.url_timeout_s",
-    "debug.*",
-)
-"""Dotted keys (fnmatch patterns) a resumed run may change: logging, fault tolerance and
-resources, not what is learned or from what."""
 
 
 @dataclass
@@ -50,9 +29,11 @@ class ResumePlan:
     state: Literal["fresh", "resume", "finished"]
     epochs_done: int = 0
     run_config: dict[str, Any] = field(default_factory=dict)
-    """The config the run's checkpoints were trained with (empty for a fresh run)."""
+    """The config the run's checkpoints were trained with, as saved (empty for a fresh run)."""
     diff: list[tuple[str, Any, Any]] = field(default_factory=list)
     """(key, checkpoint's value, this command's value) for every key that may not change."""
+    filled: list[str] = field(default_factory=list)
+    """Keys the saved config lacks (it predates them), read as today's defaults."""
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -60,25 +41,46 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any
     a, b = flatten(old), flatten(new)
     keys = sorted(set(a) | set(b))
     missing = "(unset)"
+    safe = resume_safe_keys()
     return [
         (k, a.get(k, missing), b.get(k, missing))
         for k in keys
         if a.get(k, missing) != b.get(k, missing)
-        and not any(fnmatch.fnmatchcase(k, pattern) for pattern in SAFE_TO_CHANGE)
+        and not any(fnmatch.fnmatchcase(k, pattern) for pattern in safe)
     ]
 
 
+def _saved_config(raw: dict[str, Any], cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """The saved config, defaults filled, for the same data as `cfg` (already filled)."""
+    try:
+        saved = parse_run_config(raw, str(run_dir / CONFIG_FILE))
+    except ConfigError as err:
+        raise ConfigError(
+            f"{err}\nThis version cannot read the run's saved config; start a new run "
+            f"(--new-run), or resume with this command's config: --allow-config-change"
+        ) from None
+    model = cfg.model
+    return saved.for_data((model.in_channels, model.image_size), model.num_classes)
+
+
 def plan_resume(cfg: RunConfig, run_dir: Path) -> ResumePlan:
-    """What rerunning `cfg` in `run_dir` would do (reads config.yaml and checkpoints.json)."""
+    """What rerunning `cfg` (filled for its data) in `run_dir` would do (reads config.yaml and
+    checkpoints.json)."""
     index = CheckpointIndex.load(run_dir)
     if not index.entries:
         return ResumePlan("fresh")
     done = max(int(e["epoch"]) for e in index.entries.values())
     config_path = run_dir / CONFIG_FILE
-    old = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-    diff = config_diff(old, cfg.to_dict()) if old else []
+    raw = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     state = "finished" if done >= cfg.train.epochs else "resume"
-    return ResumePlan(state, epochs_done=done, run_config=old, diff=diff)
+    if not raw:
+        return ResumePlan(state, epochs_done=done)
+    saved = _saved_config(raw, cfg, run_dir).to_dict()
+    given = flatten(raw)
+    # Model fields absent from an old config come from its preset, as they did then.
+    filled = [k for k in flatten(saved) if k not in given and not k.startswith("model.")]
+    diff = config_diff(saved, cfg.to_dict())
+    return ResumePlan(state, epochs_done=done, run_config=raw, diff=diff, filled=filled)
 
 
 def check_resume(plan: ResumePlan, cfg: RunConfig, *, allow_config_change: bool) -> None:
@@ -98,7 +100,7 @@ def check_resume(plan: ResumePlan, cfg: RunConfig, *, allow_config_change: bool)
         f"done); resuming would mix them:\n" + "\n".join(lines) + "\n"
         "Either start a new run: --new-run (a timestamped run name) or --set run.name=NEW, "
         "or resume with the new values anyway: --allow-config-change.\n"
-        f"Safe to change when resuming: {', '.join(SAFE_TO_CHANGE)}"
+        f"Safe to change when resuming: {', '.join(resume_safe_keys())}"
     )
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig, absolute_path
-from pipeline.train.checkpoint import INDEX_FILE, CheckpointIndex
+from pipeline.config import ConfigError, RunConfig, absolute_path, is_remote
+from pipeline.train.checkpoint import INDEX_FILE, CheckpointIndex, resolve_checkpoint
 from pipeline.train.console import DriverConsole, LocalConsole
 from pipeline.train.context import (
     CHECKPOINT_FILE,
@@ -78,6 +78,8 @@ def build_trainer(
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
+    if cfg.run.num_workers == "auto":  # resolve_workers first: auto means this machine's
+        raise ConfigError("run.num_workers=auto must be resolved before the trainer is built")
     use_gpu = resolve_use_gpu(cfg.run.use_gpu)
     return TorchTrainer(
         train_loop,
@@ -202,47 +204,98 @@ def summarize(cfg: RunConfig) -> Summary:
     )
 
 
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_workers(cfg: RunConfig, *, local: bool = False) -> tuple[RunConfig, str]:
+    """(the config with a number of workers, a line saying what was chosen and why).
+
+    `auto` is every GPU of this machine (when GPUs are used), else one CPU worker; `--local`
+    runs one. On a cluster (RAY_ADDRESS) auto is refused: what the cluster offers to this job
+    is not guessed."""
+    workers = cfg.run.num_workers
+    if local:
+        note = "" if workers in ("auto", 1) else f" (--local runs one; ignoring {workers})"
+        return cfg.replace(run={"num_workers": 1}), f"1 worker, in this process{note}"
+    if workers != "auto":
+        return cfg, f"{workers} worker(s) (run.num_workers)"
+    if os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(
+            "run.num_workers=auto picks this machine's GPUs; on the cluster at RAY_ADDRESS "
+            "set the number: --set run.num_workers=N (one GPU each)"
+        )
+    gpus = _local_gpus() if cfg.run.use_gpu is not False else 0
+    n, why = (gpus, f"{gpus} local GPU(s)") if gpus else (1, "no GPU: one CPU worker")
+    batch = cfg.train.batch_size
+    if batch % n:
+        fits = max(k for k in range(1, n + 1) if batch % k == 0)
+        raise ConfigError(
+            f"train.batch_size: {batch} must be divisible by run.num_workers={n} (auto: {why}); "
+            f"set --set run.num_workers={fits}, or a train.batch_size divisible by {n}"
+        )
+    return cfg.replace(run={"num_workers": n}), f"{n} worker(s) (run.num_workers=auto: {why})"
+
+
+def _check_resume_from(cfg: RunConfig) -> None:
+    """--resume-from names a checkpoint that exists (checked before Ray, not on a worker)."""
+    if not cfg.run.resume_from or is_remote(cfg.run.resume_from):
+        return
+    try:
+        resolve_checkpoint(cfg.run.resume_from)
+    except FileNotFoundError as err:
+        raise ConfigError(f"run.resume_from (--resume-from): {err}") from None
+
+
 def _prepare(cfg: RunConfig, allow_config_change: bool):
     """What `train` and `dry_run` check before Ray starts: the data (missing, empty or too
     small splits, missing shards, checksums if asked), the storage (s3:// / gs://: the bucket
-    must exist; the run's small files come from it), and the resume decision (a refusal
-    raises). Returns (dataset info, run folder, storage, plan)."""
+    must exist; the run's small files come from it), --resume-from, and the resume decision
+    (a refusal raises). The model fields the config leaves to the data are filled here, once.
+    Returns (the filled config, dataset info, run folder, storage, plan)."""
     from pipeline.data import check_splits
 
+    workers = cfg.run.num_workers
     info = check_splits(
-        cfg.data,
-        batch_size=cfg.train.batch_size // cfg.run.num_workers,
-        world_size=cfg.run.num_workers,
+        cfg.data, batch_size=cfg.train.local_batch_size(workers), world_size=workers
     )
+    cfg = cfg.for_data(tuple(info.image_shape), info.num_classes)
+    _check_resume_from(cfg)
     run_dir = run_dir_for(cfg)
     storage = RunStorage(cfg.run.storage_path, cfg.run.name, run_dir, ignore=RAY_ENTRIES)
     storage.check()
     storage.pull(only=[CONFIG_FILE, INDEX_FILE, "metrics.jsonl"])
     plan = plan_resume(cfg, run_dir)
     check_resume(plan, cfg, allow_config_change=allow_config_change)
-    return info, run_dir, storage, plan
+    return cfg, info, run_dir, storage, plan
 
 
-def dry_run(cfg: RunConfig, *, allow_config_change: bool = False) -> str:
+def dry_run(cfg: RunConfig, *, local: bool = False, allow_config_change: bool = False) -> str:
     """What `capsnet train` would do with this config, checked as far as possible without Ray:
-    the data, the storage, and the resume decision (a refusal raises as it would)."""
-    cfg = with_absolute_paths(cfg)
-    info, run_dir, storage, plan = _prepare(cfg, allow_config_change)
-    model = cfg.build_model_config(tuple(info.image_shape), info.num_classes)
-    action = {
+    the workers, the data, the storage, --resume-from and the resume decision (a refusal
+    raises as it would)."""
+    cfg, workers = resolve_workers(with_absolute_paths(cfg), local=local)
+    cfg, info, run_dir, storage, plan = _prepare(cfg, allow_config_change)
+    model = cfg.model
+    filled = f"\n  filled with today's defaults: {', '.join(plan.filled)}" if plan.filled else ""
+    return (
+        f"[capsnet] dry run: would {_action(plan)}: {cfg.run.name} in {storage.uri}\n"
+        f"  data: {info.name} {tuple(info.image_shape)}, {info.num_classes} classes, "
+        f"{info.split(cfg.data.train_split).num_samples} train / "
+        f"{info.split(cfg.data.eval_split).num_samples} eval samples\n"
+        f"  model: {type(model).__name__}, {cfg.train.epochs} epochs, global batch "
+        f"{cfg.train.batch_size} on {workers}{filled}"
+    )
+
+
+def _action(plan) -> str:
+    return {
         "fresh": "start a new run",
         "resume": f"resume after epoch {plan.epochs_done}",
         "finished": "do nothing: the run has finished",
     }[plan.state]
-    return (
-        f"[capsnet] dry run: would {action}: {cfg.run.name} in {storage.uri}\n"
-        f"  data: {info.name} {tuple(info.image_shape)}, {info.num_classes} classes, "
-        f"{info.split(cfg.data.train_split).num_samples} train / "
-        f"{info.split(cfg.data.eval_split).num_samples} eval samples\n"
-        f"  model: {type(model).__name__} ({cfg.model.type}, preset "
-        f"{cfg.model.preset or 'default'}), {cfg.train.epochs} epochs, global batch "
-        f"{cfg.train.batch_size} on {cfg.run.num_workers} worker(s)"
-    )
 
 
 def train(
@@ -252,10 +305,10 @@ def train(
 
     Before anything starts: the data must be readable, and a run with checkpoints resumes
     only under the resume rules (pipeline/train/resume.py); a finished run trains nothing."""
-    cfg = with_absolute_paths(cfg)
+    cfg, workers = resolve_workers(with_absolute_paths(cfg), local=local)
     # Data, storage and the resume decision now, not after Ray has started and a whole
     # training epoch has run.
-    _, run_dir, storage, plan = _prepare(cfg, allow_config_change)
+    cfg, _, run_dir, storage, plan = _prepare(cfg, allow_config_change)
     if plan.state == "finished":
         print(
             f"[capsnet] run {cfg.run.name!r} already finished: {plan.epochs_done} of "
@@ -269,9 +322,10 @@ def train(
     (run_dir / FATAL_FILE).unlink(missing_ok=True)  # a new attempt
     storage.remove(FATAL_FILE)
     storage.push([CONFIG_FILE], strict=True)  # rank 0, maybe on another node, pulls it
+    filled = f"; filled with today's defaults: {', '.join(plan.filled)}" if plan.filled else ""
     print(
-        f"[capsnet] run {cfg.run.name}: {plan.state} ({plan.epochs_done} epochs done); "
-        f"effective config: {run_dir / CONFIG_FILE}",
+        f"[capsnet] run {cfg.run.name}: {plan.state} ({plan.epochs_done} epochs done) on "
+        f"{workers}; effective config: {run_dir / CONFIG_FILE}{filled}",
         flush=True,
     )
     log_path = run_dir / "log.txt"
@@ -336,4 +390,5 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def _local_cpus(cfg: RunConfig) -> int:
     """Enough CPUs for the requested workers, at least what the machine has."""
-    return max(os.cpu_count() or 1, cfg.run.num_workers * cfg.run.cpus_per_worker + 1)
+    workers = cfg.run.num_workers if cfg.run.num_workers != "auto" else 1
+    return max(os.cpu_count() or 1, workers * cfg.run.cpus_per_worker + 1)

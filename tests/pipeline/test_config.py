@@ -63,7 +63,15 @@ def test_round_trip_through_dict():
     )
     again = parse_run_config(cfg.to_dict())
     assert again == cfg
-    assert again.to_dict()["model"] == {"type": "cnn", "preset": "tiny", "fc_hidden": [4, 4]}
+    # written out in full (the preset kept while the data fields still come from it)
+    assert again.to_dict()["model"] == {
+        "type": "cnn",
+        "preset": "tiny",
+        "conv_channels": [8, 8, 4],
+        "conv_kernel": 3,
+        "fc_hidden": [4, 4],
+        "dropout": 0.5,
+    }
 
 
 def test_model_shape_comes_from_data_unless_set():
@@ -231,7 +239,7 @@ def test_train_print_config_and_dry_run(tiny_shards, tmp_path, capsys):
     ]
     assert main([*args, "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"] == {"type": "capsnet", "preset": "tiny"}
+    assert printed["model"]["preset"] == "tiny" and printed["model"]["conv1_channels"] == 8
     assert parse_run_config(printed) == load_config(None, [a for a in args[1:] if a != "--set"])
     assert main([*args, "--dry-run"]) == 0
     out = capsys.readouterr().out
