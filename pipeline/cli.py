@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Capsule Networks at cluster scale: data, training, evaluation, search.",
     )
     parser.add_argument("--version", action="version", version=f"capsnet {_version()}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="cli_command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(subparsers)
     return parser
@@ -49,14 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("CAPSNET_DEBUG"):
             raise
         print(
-            f"capsnet {args.command}: error: {err}\n(set CAPSNET_DEBUG=1 for a traceback)",
+            f"capsnet {args.cli_command}: error: {err}\n(set CAPSNET_DEBUG=1 for a traceback)",
             file=sys.stderr,
         )
         return 2
     except TrainingError as err:  # the run itself failed (e.g. a non-finite loss)
         if os.environ.get("CAPSNET_DEBUG"):
             raise
-        print(f"capsnet {args.command}: training failed: {err}", file=sys.stderr)
+        print(f"capsnet {args.cli_command}: training failed: {err}", file=sys.stderr)
         return 1
 
 

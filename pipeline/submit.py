@@ -244,6 +244,7 @@ def validate_locally(command: str, config: Path, overrides: Sequence[str]) -> st
                 "job's temporary copy of the repo (shards are not uploaded; outputs would be "
                 f"lost). Use object storage or a shared absolute path, e.g. --set {key}="
                 f"s3://YOUR-BUCKET/capsnet/{'shards/mnist' if key == 'data.shards' else 'runs'}"
+                " (configs/cluster/ holds configs written for a cluster)"
             )
     return cfg.run.name
 
@@ -301,8 +302,30 @@ def submit_command(args: argparse.Namespace, address: str, run_name: str) -> lis
     return [*cmd, "--", *entrypoint]
 
 
+def check_project(working_dir: Path) -> None:
+    """The folder uploaded as the job's working dir is this project (its pyproject.toml names
+    it): the job runs `python -m pipeline.cli` from it, and anything else would be packed
+    and uploaded for nothing, or fail on the cluster."""
+    try:
+        import tomllib
+
+        name = tomllib.loads((working_dir / "pyproject.toml").read_text())["project"]["name"]
+    except (OSError, KeyError, ValueError, ModuleNotFoundError):
+        name = None
+    if name != PROJECT or not (working_dir / "pipeline" / "cli.py").is_file():
+        raise SubmitError(
+            f"{working_dir.resolve()} is not the capsnet project (no pyproject.toml naming "
+            f"{PROJECT} beside pipeline/): run from the repository root, or give it with "
+            "--working-dir"
+        )
+
+
+PROJECT = "capsnet-cluster"
+
+
 def submit(args: argparse.Namespace) -> int:
     """`capsnet submit`: validate, reach the cluster, run `ray job submit` and follow it."""
+    check_project(Path(args.working_dir))
     run_name = validate_locally(args.command, Path(args.config), args.overrides)
     env = auth_env(dict(os.environ))
     if args.dry_run:

@@ -226,3 +226,24 @@ def test_token_never_goes_over_plain_http_to_another_host(address, ok):
             check_token_transport(address, env)
         check_token_transport(address, env, allow=True)  # an explicit, trusted-network choice
     check_token_transport(address, {"HOME": "/nonexistent"})  # no token: nothing to leak
+
+
+def test_errors_name_the_submit_command(capsys):
+    """The job's own subcommand (train) used to overwrite the CLI's: `capsnet train: error:`."""
+    assert main(["train", "--config", "configs/smoke.yaml", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capsnet submit: error:"), err
+
+
+@pytest.mark.parametrize("where", ["cwd", "flag"])
+def test_the_working_dir_must_be_the_project(capsys, monkeypatch, tmp_path, where):
+    """Whatever folder submit ran from was packed and uploaded; now it must be this project."""
+    (tmp_path / "notes.txt").write_text("not a project\n")
+    args = ["train", "--config", str(REPO / SMOKE), "--dry-run"]
+    if where == "cwd":
+        monkeypatch.chdir(tmp_path)
+    else:
+        args += ["--working-dir", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "is not the capsnet project" in err and str(tmp_path) in err
