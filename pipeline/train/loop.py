@@ -13,6 +13,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -128,16 +129,13 @@ def _train(cfg: RunConfig, ctx: WorkerContext) -> None:
             print(
                 f"[capsnet] removed {path}, left by an earlier attempt that was killed", flush=True
             )
-    storage = _storage(cfg, run_dir, ctx) if rank0 else None
-    if storage is not None:
-        storage.check()
-        storage.pull()  # metrics, config, index, figures (and local runs' checkpoints)
+    storage = _storage(cfg, run_dir, ctx)
+    storage.check()
+    storage.pull()  # metrics, config, index, figures (and local runs' checkpoints)
     info = load_dataset_info(cfg.data.shards, timeout_s=cfg.data.url_timeout_s)
     # The driver filled the model from the data already (a Tune trial's may not have): a no-op
     cfg = cfg.for_data(tuple(info.image_shape), info.num_classes)
-    model = build_model(cfg.model)
-    device = ctx.device
-    state = TrainState.create(model, cfg.train, device)
+    state = TrainState.create(build_model(cfg.model), cfg.train, ctx.device)
     ckpt_path, ckpt = _newest_checkpoint(ctx, run_dir, cfg)
     if ckpt is not None:
         state.restore(ckpt)
@@ -148,40 +146,45 @@ def _train(cfg: RunConfig, ctx: WorkerContext) -> None:
                 flush=True,
             )
     state.model = ctx.prepare_model(state.model)  # moves to the device; DDP when world_size > 1
-    step_fn = TrainStep(state, cfg.train, device)
     log = RunLog(
         run_dir, enabled=rank0, report_to=cfg.run.report_to, name=cfg.run.name, config=cfg.to_dict()
     )
-    if ckpt is not None and ckpt_path != resume_from_path(cfg):
-        log.resume(state.next_epoch, ckpt["metrics"])  # this run's own (not --resume-from)
-    if state.next_epoch >= cfg.train.epochs:  # a finished run: report its last metrics only
-        ctx.report(dict(ckpt["metrics"], already_finished=True), None)
-        return
-
-    start = state.next_epoch
-    loaders = Loaders.open(cfg, info, ctx, start)
     try:
-        for epoch in range(start, cfg.train.epochs):
-            _run_epoch(state, step_fn, cfg, loaders, epoch, ctx, log, storage, run_dir)
+        with ExitStack() as stack:  # closed in reverse: loaders, then the log
+            stack.callback(log.close)
+            if ckpt is not None and ckpt_path != resume_from_path(cfg):
+                log.resume(state.next_epoch, ckpt["metrics"])  # this run's own, not --resume-from
+            if state.next_epoch >= cfg.train.epochs:  # finished: report its last metrics only
+                ctx.report(dict(ckpt["metrics"], already_finished=True), None)
+                return
+            loaders = Loaders.open(cfg, info, ctx, state.next_epoch)
+            stack.callback(loaders.close)
+            run = Run(cfg, ctx, state, TrainStep(state, cfg.train, ctx.device), loaders, log)
+            for epoch in range(state.next_epoch, cfg.train.epochs):
+                _run_epoch(run, epoch, storage, run_dir)
     except (NonFiniteLossError, IncompleteEvaluationError) as err:  # the same on every rank
-        loaders.close()
-        log.close()
         if rank0:
             write_fatal(run_dir, err)
-        if storage is not None:
-            storage.push()
+        storage.push()
         ctx.fail(err)
         return
     except BaseException:
-        loaders.close()
-        log.close()
-        if storage is not None:
-            storage.push()  # best effort: what the run has so far (a warning if it fails)
+        storage.push()  # best effort: what the run has so far (a warning if it fails)
         raise
-    loaders.close()
-    log.close()
-    if storage is not None:
-        storage.push(strict=True)  # the run's artifacts must reach storage_path
+    storage.push(strict=True)  # the run's artifacts must reach storage_path
+
+
+@dataclass
+class Run:
+    """What a worker's epochs share: the config, the worker, the model's state and its step,
+    the loaders and the log (rank 0's files; a no-op on other ranks)."""
+
+    cfg: RunConfig
+    ctx: WorkerContext
+    state: TrainState
+    step: TrainStep
+    loaders: Loaders
+    log: RunLog
 
 
 @dataclass
@@ -237,21 +240,12 @@ class Loaders:
         self.eval.close()
 
 
-def _run_epoch(
-    state: TrainState,
-    step_fn: TrainStep,
-    cfg: RunConfig,
-    loaders: Loaders,
-    epoch: int,
-    ctx: WorkerContext,
-    log: RunLog,
-    storage: RunStorage | None,
-    run_dir: Path,
-) -> None:
+def _run_epoch(run: Run, epoch: int, storage: RunStorage, run_dir: Path) -> None:
     """Train, evaluate, checkpoint (rank 0, when due), report, log and push one epoch."""
+    cfg, ctx, state, loaders, log = run.cfg, run.ctx, run.state, run.loaders, run.log
     rank0, device = ctx.world_rank == 0, ctx.device
     _maybe_crash(cfg, epoch, rank0)
-    stats = _train_epoch(state, cfg, loaders, epoch, ctx, log, step_fn)
+    stats = _train_epoch(run, epoch)
     if epoch + 1 < cfg.train.epochs:
         loaders.start_ahead(epoch + 1)
     result = evaluate(
@@ -303,17 +297,17 @@ def _run_epoch(
             folder.name, epoch + 1, result.accuracy, keep=cfg.run.keep_checkpoints
         ):
             ctx.delete_checkpoint(dropped)
-            if storage is not None and not ctx.persists_checkpoints:
+            if not ctx.persists_checkpoints:
                 storage.remove(dropped)
         index.save(run_dir)
-    if storage is not None:
-        storage.push()  # every epoch; a failure is a warning, retried at the next push
+    storage.push()  # every epoch (a no-op for local runs); a failure is a warning, retried
 
 
-def _storage(cfg: RunConfig, run_dir: Path, ctx: WorkerContext) -> RunStorage | None:
-    """Rank 0's mirror of the run folder on s3:// / gs:// storage (None for local storage)."""
-    if not is_remote(cfg.run.storage_path):
-        return None
+def _storage(cfg: RunConfig, run_dir: Path, ctx: WorkerContext) -> RunStorage:
+    """Rank 0's mirror of the run folder on s3:// / gs:// storage; for local storage, and on
+    the other ranks, one whose every method does nothing."""
+    if ctx.world_rank != 0 or not is_remote(cfg.run.storage_path):
+        return RunStorage("", cfg.run.name, run_dir)
     # Ray uploads its checkpoints itself; a local run's checkpoints are pushed like any file.
     ignore = RAY_ENTRIES if ctx.persists_checkpoints else RAY_ENTRIES[1:]
     return RunStorage(cfg.run.storage_path, cfg.run.name, run_dir, ignore=ignore)
@@ -389,18 +383,11 @@ class TrainStep:
         return torch.stack([v.detach().float() for v in losses.values()])
 
 
-def _train_epoch(
-    state: TrainState,
-    cfg: RunConfig,
-    loaders: Loaders,
-    epoch: int,
-    ctx: WorkerContext,
-    log: RunLog,
-    step_fn: TrainStep,
-) -> EpochStats:
+def _train_epoch(run: Run, epoch: int) -> EpochStats:
     """One pass over this rank's batches. Loss parts are accumulated on the device and checked
     for NaN/inf every `log_every` steps, so there is no host sync per step."""
-    batches, loader = loaders.train_pass(epoch), loaders.train
+    cfg, ctx, state, log, step_fn = run.cfg, run.ctx, run.state, run.log, run.step
+    batches, loader = run.loaders.train_pass(epoch), run.loaders.train
     device = ctx.device
     state.model.train()
     n_batches = len(loader)
