@@ -108,7 +108,9 @@ class CapsNet(nn.Module):
         # Children's activations for routings that weigh votes by them: the primary capsule
         # lengths (in [0, 1) after squash), the vector-capsule reading of "presence".
         a_BI = u_BIP.float().norm(dim=-1) if self.classes.routing.needs_activations else None
-        routed = self.classes(u_BIP, a_BI, routing_iterations)  # poses [B, 10, 16], activations [B, 10], c [B, I, 10]
+        routed = self.classes(
+            u_BIP, a_BI, routing_iterations
+        )  # poses [B, 10, 16], activations [B, 10], c [B, I, 10]
         v_BJD, lengths_BJ = routed.poses, routed.activations
         recon = None
         if self.decoder is not None:

@@ -258,9 +258,7 @@ class RunSection(Section):
     num_workers: Annotated[int | Literal["auto"], PlainValidator(_count_or_auto)] = "auto"
     """Training workers (DDP ranks), one GPU each when use_gpu; auto = every GPU of this
     machine, else one CPU worker (on a cluster, via RAY_ADDRESS, give the number)."""
-    use_gpu: Annotated[Bool | Literal["auto"], PlainValidator(_bool_or_auto), RESUME_SAFE] = (
-        "auto"
-    )
+    use_gpu: Annotated[Bool | Literal["auto"], PlainValidator(_bool_or_auto), RESUME_SAFE] = "auto"
     """Train on GPUs: true, false, or auto = if the cluster (or this machine) has any."""
     cpus_per_worker: Annotated[PositiveInt, RESUME_SAFE] = 1
     """CPUs reserved per worker (DataLoader workers run inside this budget)."""
@@ -431,7 +429,9 @@ def _registry_entry(raw: dict[str, Any], path: list[str]) -> tuple[str, Any] | N
     if registry is None:
         return None
     node = model.get(path[1])
-    name = node.get("name", next(iter(registry))) if isinstance(node, dict) else next(iter(registry))
+    name = (
+        node.get("name", next(iter(registry))) if isinstance(node, dict) else next(iter(registry))
+    )
     return (name, registry[name]) if name in registry else None
 
 

@@ -147,9 +147,21 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
 INDEX_FILE = "checkpoints.json"
 
 
+CHECKPOINT_PREFIX = "checkpoint_epoch-"
+
+
 def checkpoint_name(epoch: int) -> str:
     """The folder of the checkpoint taken after `epoch` epochs (1-based), in the run folder."""
-    return f"checkpoint_epoch-{epoch:04d}"
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
+def upload_rank(relpath: str) -> int:
+    """Where a run-folder file goes in an upload: 0 everything else (metrics first), 1 the
+    checkpoint folders, 2 the index last, so the bucket's index never names a checkpoint that
+    is not there and no checkpoint is newer than the metrics beside it."""
+    if relpath == INDEX_FILE:
+        return 2
+    return 1 if relpath.startswith(CHECKPOINT_PREFIX) else 0
 
 
 @dataclass

@@ -26,9 +26,10 @@ Guarantees and limits:
   moment) and only then written; files over `buffer_limit`, and every file on a filesystem
   without atomic object writes, are streamed to a temporary key (`<key>.capsnet-partial-<hex>`)
   and then moved onto the key, and the temporary key is deleted if anything fails.
-* Order: files under `checkpoints/` are uploaded after everything else, so the bucket never
-  holds a checkpoint newer than its metrics.jsonl (it can hold metrics rows newer than the
-  checkpoint: a resume should drop rows past the checkpoint's epoch).
+* Order: the checkpoint folders are uploaded after everything else and the index
+  (checkpoints.json) last (`checkpoint.upload_rank`), so the bucket never holds a checkpoint
+  newer than its metrics.jsonl, nor an index naming a checkpoint it lacks (it can hold
+  metrics rows newer than the checkpoint: a resume should drop rows past its epoch).
 * Push never deletes remote files; files removed locally stay in the bucket.
 * `pull` overwrites local files with the bucket's copies (the bucket wins) and leaves
   local-only files alone unless `mirror=True`.
@@ -62,6 +63,7 @@ from typing import TypeVar
 import pyarrow.fs as pafs
 
 from pipeline.config import is_remote
+from pipeline.train.checkpoint import upload_rank
 
 __all__ = ["RAY_ENTRIES", "RunStorage", "StorageError", "SyncResult"]
 
@@ -206,7 +208,7 @@ class RunStorage:
                 continue
             if force or self._synced.get(rel) != sig:
                 todo.append((rel, local, sig))
-        todo.sort(key=lambda t: (t[0].startswith("checkpoints/"), t[0]))
+        todo.sort(key=lambda t: (upload_rank(t[0]), t[0]))
         done: list[str] = []
         total = 0
         for rel, local, sig in todo:

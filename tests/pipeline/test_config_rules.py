@@ -35,7 +35,9 @@ def _plan(cfg):
     """plan_resume as `capsnet train --local` calls it: workers resolved, data filled."""
     from pipeline.train.trainer import resolve_workers
 
-    return plan_resume(resolve_workers(cfg, local=True)[0].for_data((1, 12, 12), 10), run_dir_for(cfg))
+    return plan_resume(
+        resolve_workers(cfg, local=True)[0].for_data((1, 12, 12), 10), run_dir_for(cfg)
+    )
 
 
 def _finished_run(tiny_shards, tiny_config, tmp_path, *extra):
@@ -139,7 +141,11 @@ def test_errors_from_the_file_name_the_file(tmp_path):
 
 @pytest.mark.parametrize(
     "override, suggestion",
-    [("train.lrr=1", "lr"), ("data.shard=x", "shards"), ("model.conv1_channel=8", "conv1_channels")],
+    [
+        ("train.lrr=1", "lr"),
+        ("data.shard=x", "shards"),
+        ("model.conv1_channel=8", "conv1_channels"),
+    ],
 )
 def test_unknown_keys_get_a_did_you_mean(override, suggestion):
     with pytest.raises(ConfigError, match=f"did you mean '{suggestion}'"):
@@ -154,7 +160,12 @@ def test_print_config_shows_the_expanded_model_and_no_debug_section(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert "debug" not in printed
     model = printed["model"]
-    assert model["routing"] == {"name": "dynamic", "iterations": 3, "detach_inner": False, "bias": False}
+    assert model["routing"] == {
+        "name": "dynamic",
+        "iterations": 3,
+        "detach_inner": False,
+        "bias": False,
+    }
     assert model["class_dim"] == 16 and model["m_pos"] == 0.9  # preset fields, not only given ones
     assert parse_run_config(printed).model == load_config(SMOKE).model
 
@@ -171,10 +182,17 @@ def test_the_model_section_is_capscores_config_object():
 def test_data_fills_the_shape_unless_given_and_round_trips():
     cfg = load_config(None, ["model.preset=tiny"])
     filled = cfg.for_data((3, 16, 16), 7)
-    assert (filled.model.in_channels, filled.model.image_size, filled.model.num_classes) == (3, 16, 16, 7)[:1] + (16, 7)
+    assert (filled.model.in_channels, filled.model.image_size, filled.model.num_classes) == (
+        3,
+        16,
+        16,
+        7,
+    )[:1] + (16, 7)
     assert parse_run_config(filled.to_dict()) == filled
     assert parse_run_config(cfg.to_dict()).for_data((3, 16, 16), 7) == filled  # still from data
-    given = load_config(None, ["model.preset=tiny", "model.image_size=14"]).for_data((1, 16, 16), 10)
+    given = load_config(None, ["model.preset=tiny", "model.image_size=14"]).for_data(
+        (1, 16, 16), 10
+    )
     assert given.model.image_size == 14  # an explicit value wins over the data
 
 

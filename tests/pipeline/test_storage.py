@@ -7,27 +7,40 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from pipeline.train.storage import RunStorage, StorageError, _explain
+from capscore import build_model
+from pipeline.config import load_config
+from pipeline.train.checkpoint import CheckpointIndex, TrainState, checkpoint_name
+from pipeline.train.outputs import RunLog
+from pipeline.train.resume import write_config
+from pipeline.train.storage import RAY_ENTRIES, RunStorage, StorageError, _explain
 
 BUCKET = "capsnet-test"  # the `s3` fixture (conftest.py) creates and empties it
 RUN = "tiny"
+LOCAL_RUN = RAY_ENTRIES[1:]
+"""What a --local run's storage ignores: it pushes its own checkpoint_epoch-* folders."""
+LAST = f"{checkpoint_name(2)}/checkpoint.pt"
 
 
 def fake_run(root: Path) -> Path:
-    """A run folder like rank 0 writes one (binary files included)."""
-    files = {
-        "metrics.jsonl": b'{"epoch": 1, "test_accuracy": 0.5}\n',
-        "config.yaml": b"run:\n  name: tiny\n",
-        "log.txt": b"epoch 1\n",
-        "tensorboard/events.out.tfevents.1700000000.host.1.0": os.urandom(3000),
-        "checkpoints/last/checkpoint.pt": os.urandom(70_000),
-        "checkpoints/best/checkpoint.pt": os.urandom(70_000),
-        "figures/epoch1/reconstructions.png": b"\x89PNG\r\n\x1a\n" + os.urandom(500),
-    }
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
+    """A run folder of two epochs as rank 0 writes one, by the real writers: config.yaml,
+    metrics.jsonl + TensorBoard events, two checkpoint folders and their index, a log."""
+    cfg = load_config(None, ["model.preset=tiny", f"run.name={RUN}", "run.num_workers=1"])
+    cfg = cfg.for_data((1, 12, 12), 10)
+    write_config(cfg, root)
+    state = TrainState.create(build_model(cfg.model), cfg.train, torch.device("cpu"))
+    log = RunLog(root, enabled=True, report_to=["tensorboard"], name=RUN, config=cfg.to_dict())
+    index = CheckpointIndex.load(root)
+    for epoch, accuracy in ((1, 0.5), (2, 0.6)):
+        metrics = {"epoch": epoch, "test_accuracy": accuracy}
+        state.next_epoch = epoch
+        state.save(root / checkpoint_name(epoch), run_config=cfg.to_dict(), metrics=metrics)
+        log.epoch(metrics)
+        index.add(checkpoint_name(epoch), epoch, accuracy, keep=2)
+    index.save(root)
+    log.close()
+    (root / "log.txt").write_bytes(b"epoch 1\nepoch 2\n")
     return root
 
 
@@ -51,31 +64,33 @@ def bucket_tree(client, prefix: str) -> dict[str, bytes]:
 
 def test_push_changed_files_then_pull_the_same_tree(s3, tmp_path):
     local = fake_run(tmp_path / "staging")
-    storage = RunStorage(f"s3://{BUCKET}/runs", RUN, local)
+    storage = RunStorage(f"s3://{BUCKET}/runs", RUN, local, ignore=LOCAL_RUN)
     assert storage.remote and storage.uri == f"s3://{BUCKET}/runs/{RUN}"
     storage.check()
     assert storage.pull().files == []  # a fresh run: nothing to resume from
 
     first = storage.push()
     assert first.ok and sorted(first.files) == sorted(tree(local))
-    assert first.files[-2:] == ["checkpoints/best/checkpoint.pt", "checkpoints/last/checkpoint.pt"]
+    # the checkpoints after everything else, their index last
+    assert first.files[-3:] == [f"{checkpoint_name(1)}/checkpoint.pt", LAST, "checkpoints.json"]
     assert first.bytes == sum(len(b) for b in tree(local).values())
     assert bucket_tree(s3, f"runs/{RUN}/") == tree(local)
-    assert storage.exists("checkpoints/last/checkpoint.pt") and not storage.exists("nope.txt")
+    assert storage.exists(LAST) and not storage.exists("nope.txt")
 
     assert storage.push().files == []  # nothing changed: nothing uploaded
     with open(local / "metrics.jsonl", "ab") as f:
-        f.write(b'{"epoch": 2, "test_accuracy": 0.6}\n')
-    (local / "checkpoints/last/checkpoint.pt").write_bytes(os.urandom(70_000))  # same size
+        f.write(b'{"epoch": 3, "test_accuracy": 0.7}\n')
+    size = (local / LAST).stat().st_size
+    (local / LAST).write_bytes(os.urandom(size))  # same size, new content
     second = storage.push()
-    assert second.files == ["metrics.jsonl", "checkpoints/last/checkpoint.pt"]
+    assert second.files == ["metrics.jsonl", LAST]
     assert bucket_tree(s3, f"runs/{RUN}/") == tree(local)
     only = storage.push(["log.txt"], force=True)
     assert only.files == ["log.txt"]
 
     # A rerun elsewhere: an empty staging folder gets the bucket's tree, and pulled files
     # don't go back up.
-    again = RunStorage(f"s3://{BUCKET}/runs/", RUN, tmp_path / "elsewhere")
+    again = RunStorage(f"s3://{BUCKET}/runs/", RUN, tmp_path / "elsewhere", ignore=LOCAL_RUN)
     pulled = again.pull()
     assert sorted(pulled.files) == sorted(tree(local))
     assert tree(tmp_path / "elsewhere") == tree(local)
@@ -125,7 +140,7 @@ def spy_on(storage: RunStorage) -> SpyFS:
 
 def test_large_files_go_through_a_temporary_key(s3, tmp_path):
     local = fake_run(tmp_path / "staging")
-    storage = RunStorage(f"s3://{BUCKET}/runs", RUN, local, buffer_limit=1000)
+    storage = RunStorage(f"s3://{BUCKET}/runs", RUN, local, ignore=LOCAL_RUN, buffer_limit=1000)
     spy = spy_on(storage)
     assert storage.push().ok
     big = {rel for rel, data in tree(local).items() if len(data) > 1000}
@@ -155,7 +170,7 @@ def test_missing_bucket_is_a_clear_error(s3, tmp_path, caplog):
 
 def test_failed_push_is_retried_next_time(s3, tmp_path):
     local = fake_run(tmp_path / "staging")
-    storage = RunStorage(f"s3://{BUCKET}/runs", RUN, local)
+    storage = RunStorage(f"s3://{BUCKET}/runs", RUN, local, ignore=LOCAL_RUN)
     spy = spy_on(storage)
     spy.fail_after = 3  # the store goes away after three files
     broken = storage.push()
@@ -203,6 +218,6 @@ def test_local_storage_is_a_no_op(tmp_path):
     assert not storage.remote and storage.uri == str(run_dir)
     storage.check()
     assert storage.push(strict=True).files == [] and storage.pull(mirror=True).files == []
-    assert storage.exists("checkpoints/last/checkpoint.pt") and not storage.exists("nope")
+    assert storage.exists(LAST) and not storage.exists("nope")
     assert tree(run_dir) == before
     assert not RunStorage(f"file://{tmp_path}/runs", RUN, run_dir).remote
