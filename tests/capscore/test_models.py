@@ -204,6 +204,7 @@ def test_every_routing_config_names_its_registry_key(name):
     assert ROUTINGS[name].config().name == name
 
 
+@pytest.mark.slow  # a fresh interpreter (tests/test_import_layers.py is the fast AST check)
 def test_capscore_imports_without_ray_webdataset_or_pipeline():
     code = (
         "import sys, importlib.abc\n"

@@ -185,6 +185,7 @@ def test_excludes_cover_what_must_not_be_uploaded():
     assert {".venv", ".git", "runs", "shards", "data"} <= set(UPLOAD_EXCLUDES)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_help_runs():
     import subprocess
 

@@ -16,6 +16,8 @@ from pipeline.train.outputs import RunLog
 from pipeline.train.resume import write_config
 from pipeline.train.storage import RAY_ENTRIES, RunStorage, StorageError, _explain
 
+pytestmark = pytest.mark.slow  # a real S3 endpoint (moto's server) on loopback
+
 BUCKET = "capsnet-test"  # the `s3` fixture (conftest.py) creates and empties it
 RUN = "tiny"
 LOCAL_RUN = RAY_ENTRIES[1:]

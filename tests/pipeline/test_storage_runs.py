@@ -12,6 +12,8 @@ import pytest
 from pipeline.train.loop import run_dir_for
 from pipeline.train.trainer import train
 
+pytestmark = pytest.mark.slow  # a real S3 endpoint (moto's server) on loopback
+
 BUCKET = "capsnet-test"  # created by the `s3` fixture (conftest.py)
 
 

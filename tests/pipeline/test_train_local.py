@@ -156,6 +156,7 @@ def _ddp_step(rank: int, world: int, port: int, images, targets, state, out_q) -
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns gloo processes
 @pytest.mark.parametrize("world", [1, 2])
 def test_ddp_two_half_batches_equal_one_full_batch(world):
     torch.manual_seed(0)
