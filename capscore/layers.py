@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from capscore.functional import squash
-from capscore.routing import RoutingConfig, RoutingOutput, build_routing
+from capscore.routing import ROUTINGS, RoutingConfig, RoutingOutput, build_routing
 
 __all__ = ["ClassCapsules", "PrimaryCapsules", "squash"]
 
@@ -58,6 +58,7 @@ class ClassCapsules(nn.Module):
         self.num_out, self.out_dim = num_out, out_dim
         self.weight_IPK = nn.Parameter(torch.randn(num_in, in_dim, num_out * out_dim) * init_std)
         self.routing = build_routing(routing, num_in=num_in, num_out=num_out, out_dim=out_dim)
+        self.routing_name: str = routing.name
 
     def predictions(self, u_BIP: torch.Tensor) -> torch.Tensor:
         """u_hat [B, I, J, D] (a permuted view of the bmm result; routing reads it as is)."""
@@ -73,4 +74,9 @@ class ClassCapsules(nn.Module):
         `a_BI`: the children's activations, for routing algorithms that use them;
         `iterations`: run the routing for this many iterations instead of its config's (for
         algorithms that have iterations; e.g. an inference sweep)."""
-        return self.routing(self.predictions(u_BIP), a_BI, iterations)
+        u_hat_BIJD = self.predictions(u_BIP)
+        if iterations is None:
+            return self.routing(u_hat_BIJD, a_BI)
+        if not ROUTINGS[self.routing_name].has_iterations:
+            raise ValueError(f"routing {self.routing_name!r} has no iterations setting")
+        return self.routing(u_hat_BIJD, a_BI, iterations)

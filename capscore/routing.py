@@ -134,12 +134,6 @@ def _check_positive(config: object, name: str) -> None:
         raise ValueError(f"routing.{name} must be a finite number > 0, got {value!r}")
 
 
-def _no_iterations(config: object, iterations: int | None) -> None:
-    """A run-time iteration count for an algorithm that has none is a caller's mistake."""
-    if iterations is not None:
-        raise ValueError(f"routing {getattr(config, 'name', '?')!r} has no iterations setting")
-
-
 # --- uniform: no agreement ------------------------------------------------------------------
 
 
@@ -164,13 +158,7 @@ class UniformRouting(nn.Module):
         super().__init__()
         self.config = config
 
-    def forward(
-        self,
-        u_hat_BIJD: torch.Tensor,
-        a_BI: torch.Tensor | None = None,
-        iterations: int | None = None,
-    ) -> RoutingOutput:
-        _no_iterations(self.config, iterations)
+    def forward(self, u_hat_BIJD: torch.Tensor, a_BI: torch.Tensor | None = None) -> RoutingOutput:
         B, I, J, _ = u_hat_BIJD.shape
         v_BJD = squash(u_hat_BIJD.sum(dim=1) / J)
         # Same dtype rule as dynamic's couplings: at least float32.
@@ -426,13 +414,7 @@ class AttentionRouting(nn.Module):
         self.config = config
         self.bias_IJ = nn.Parameter(torch.zeros(num_in, num_out))
 
-    def forward(
-        self,
-        u_hat_BIJD: torch.Tensor,
-        a_BI: torch.Tensor | None = None,
-        iterations: int | None = None,
-    ) -> RoutingOutput:
-        _no_iterations(self.config, iterations)
+    def forward(self, u_hat_BIJD: torch.Tensor, a_BI: torch.Tensor | None = None) -> RoutingOutput:
         v_BJD, w_BIJ = attention_routing(u_hat_BIJD, self.bias_IJ)
         lengths_BJ = v_BJD.to(w_BIJ.dtype).norm(dim=-1)
         return RoutingOutput(poses=v_BJD, activations=lengths_BJ, couplings=w_BIJ)
@@ -459,7 +441,8 @@ class RoutingSpec:
 
     @property
     def has_iterations(self) -> bool:
-        """Whether the number of iterations can be chosen (at build time or per forward)."""
+        """Whether the number of iterations can be chosen (at build time, or per forward: the
+        module's forward then takes `iterations`)."""
         return "iterations" in self.keys
 
 
