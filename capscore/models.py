@@ -9,8 +9,8 @@ The pipeline trains and evaluates either without knowing which it has.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
