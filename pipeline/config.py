@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 

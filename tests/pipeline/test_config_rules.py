@@ -5,7 +5,6 @@ own config object."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -88,7 +87,7 @@ def test_resume_safe_keys_are_derived_from_the_fields():
 
 @pytest.mark.parametrize("key", ["data.persistent_workers=false", "data.handoff_samples=512"])
 def test_loader_settings_change_on_resume_without_asking(tiny_shards, tiny_config, tmp_path, key):
-    cfg = _finished_run(tiny_shards, tiny_config, tmp_path)
+    _finished_run(tiny_shards, tiny_config, tmp_path)
     longer = tiny_config(tiny_shards, tmp_path, "train.epochs=2", key)
     plan = _plan(longer)
     assert plan.state == "resume" and plan.diff == []
@@ -269,8 +268,9 @@ def test_every_imported_distribution_is_declared():
     import ast
     import re
     import sys
-    import tomllib
     from importlib.metadata import packages_distributions
+
+    import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = [*project["dependencies"]]
