@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--dry-run",
         action="store_true",
         help="validate the config and every corner of the space, check the data, "
-        "print the search, then exit (no Ray)",
+        "print the search (with --resume: check there is one to resume), then exit "
+        "(Ray is not started)",
     )
     p.set_defaults(func=run)
 
@@ -40,25 +41,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     tc = tune.load_tune_config(args.config, args.overrides)  # errors surface before Ray starts
     if args.print_config:
-        print(
-            yaml.safe_dump(
-                {**tc.base, "search": tc.search.model_dump(mode="json")}, sort_keys=False
-            ),
-            end="",
-        )
+        search = {"search": tc.search.model_dump(mode="json")}
+        print(yaml.safe_dump({**tc.base.to_dict(), **search}, sort_keys=False), end="")
         return 0
     if args.dry_run:
-        tune.check_data(tc)
-        search = tc.search
-        grid = 1
-        for spec in search.space.values():
-            grid *= len(spec.grid) if isinstance(spec, tune.Grid) else 1
-        print(
-            f"[capsnet] dry run: would search {search.num_samples * grid} trial(s) of "
-            f"{tc.base['train']['epochs']} epochs over {', '.join(search.space) or '(nothing)'}"
-            f" ({search.scheduler.type}, {search.search_alg}), ranked by {search.metric} "
-            f"({search.mode}); experiment {search.storage_path}/{search.name}"
-        )
+        print(tune.plan(tc, resume=args.resume))
         return 0
     try:
         # The config path and overrides go in so that an interrupt prints the --resume command.

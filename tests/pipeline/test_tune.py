@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from capscore import ROUTINGS
 from pipeline import tune
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
@@ -74,7 +75,7 @@ def test_search_section_errors(tmp_path, tiny_shards):
     with pytest.raises(ConfigError, match="unknown key"):
         load_tune_config(path, ["search.samples=3"])
     tc = load_tune_config(path, ["search.num_samples=2", "train.epochs=5"])
-    assert tc.search.num_samples == 2 and tc.base["train"]["epochs"] == 5
+    assert tc.search.num_samples == 2 and tc.base.train.epochs == 5
 
 
 def test_validation_does_not_import_ray(tmp_path, tiny_shards):
@@ -96,7 +97,7 @@ def _trial_epochs(exp_dir: Path) -> dict[str, list[int]]:
 
 
 @pytest.mark.ray
-def test_search_interrupted_then_resumed(tmp_path, tiny_shards):
+def test_search_interrupted_then_resumed(tmp_path, tiny_shards, capsys, monkeypatch):
     """4 trials x 3 epochs, one at a time: interrupt after the first trial finishes, resume, and
     check that finished trials are not rerun, ASHA stopped some, and the best config trains."""
     path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path / "runs")
@@ -126,6 +127,14 @@ def test_search_interrupted_then_resumed(tmp_path, tiny_shards):
     first = _trial_epochs(exp_dir)
     finished = {k: v for k, v in first.items() if v and v[-1] == 3}
     assert finished and len(first) < 4, first
+
+    # With Tune's state saved: --dry-run says it would resume, a new search is refused.
+    monkeypatch.setattr("pipeline.train.trainer.init_ray", no_ray)
+    assert main(["tune", "--config", str(path), "--resume", "--dry-run"]) == 0
+    assert f"would resume the search in {exp_dir}" in capsys.readouterr().out
+    assert main(["tune", "--config", str(path)]) == 2
+    assert f"{exp_dir} already holds this experiment: add --resume" in capsys.readouterr().err
+    monkeypatch.undo()
 
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -161,6 +170,87 @@ def test_set_reaches_the_search_space(tmp_path, tiny_shards):
     assert tc.search.values("model.routing.iterations") == [1, 2]
 
 
+# --- before Ray starts: the scheduler against the run, the experiment folder (issue 18) -----
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    return err.splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    "config, overrides, message",
+    [
+        (  # the shipped config, shortened: Ray's "grace_period must be <= max_t!" before
+            REPO / "configs/tune-routing.yaml",
+            ["train.epochs=1"],
+            "search.scheduler.grace_period=2 is longer than train.epochs=1",
+        ),
+        (
+            None,
+            ["search.scheduler.grace_period=2", "search.space.train.epochs={choice: [3, 1]}"],
+            "search.scheduler.grace_period=2 is longer than the shortest searched train.epochs=1",
+        ),
+        (
+            None,
+            ["search.scheduler.grace_period=3", "search.space.train.epochs={randint: [2, 4]}"],
+            "search.scheduler.grace_period=3 is longer than the shortest searched train.epochs=2",
+        ),
+    ],
+)
+def test_asha_grace_period_longer_than_the_run_is_one_line_exit_2(
+    tmp_path, tiny_shards, monkeypatch, capsys, config, overrides, message
+):
+    monkeypatch.setattr("pipeline.train.trainer.init_ray", no_ray)
+    config = config or search_config(tmp_path / "s.yaml", tiny_shards, tmp_path)
+    args = ["tune", "--config", str(config), *(w for o in overrides for w in ("--set", o))]
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("capsnet tune: error: ") and message in line, line
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.epochs=3", "search.scheduler.grace_period=3"],  # equal: allowed
+        ["train.epochs=1", "search.scheduler={type: fifo, grace_period: 2}"],  # FIFO ignores it
+    ],
+)
+def test_grace_period_that_fits_the_run_loads(tmp_path, tiny_shards, overrides):
+    path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path)
+    assert load_tune_config(path, overrides).search.scheduler.grace_period in (2, 3)
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real"])
+def test_resume_without_an_experiment_is_one_line_exit_2_before_ray(
+    tmp_path, tiny_shards, monkeypatch, capsys, dry_run
+):
+    import ray
+
+    monkeypatch.setattr("pipeline.train.trainer.init_ray", no_ray)
+    path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path / "runs")
+    args = ["tune", "--config", str(path), "--resume", *(["--dry-run"] if dry_run else [])]
+    assert main(args) == 2
+    exp_dir = tmp_path / "runs" / "tiny-search"
+    assert one_error_line(capsys) == (
+        f"capsnet tune: error: --resume: no experiment to resume at {exp_dir}"
+    )
+    assert not ray.is_initialized()  # Tuner.can_restore only looked for the state file
+
+
+def test_auto_workers_mean_one_worker_per_trial(tmp_path, tiny_shards):
+    path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path)
+    tc = load_tune_config(path)  # the search config leaves run.num_workers at auto
+    assert tc.base.run.num_workers == 1
+    assert load_tune_config(path, ["run.num_workers=2"]).base.run.num_workers == 2
+    tc = load_tune_config(path, ["search.space.run.num_workers={choice: [auto, 2]}"])
+    workers = [tune.trial_config(tc.base, {"run.num_workers": w}) for w in ("auto", 2)]
+    assert [cfg.run.num_workers for cfg in workers] == [1, 2]
+
+
 # --- before Ray starts: data and search algorithm ---------------------------------------------
 
 
@@ -180,7 +270,7 @@ def test_missing_data_fails_before_ray(tmp_path, tiny_shards, monkeypatch, overr
     path = search_config(tmp_path / "s.yaml", tiny_shards, tmp_path)
     missing = str(tmp_path / "nope")
     tc = load_tune_config(path, [override.replace("MISSING", missing)])
-    monkeypatch.setattr(tune, "_fit", no_ray)
+    monkeypatch.setattr(tune.run, "_fit", no_ray)
     with pytest.raises(ConfigError, match=re.escape(message.replace("MISSING", missing))):
         tune.run_tune(tc, config_path=path)
 
@@ -293,14 +383,14 @@ def test_interrupt_prints_the_resume_command(tmp_path, tiny_shards, monkeypatch,
     def ctrl_c(*args):  # a second Ctrl-C: Tune's fit() raises
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tune, "_fit", ctrl_c)
+    monkeypatch.setattr(tune.run, "_fit", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         tune.run_tune(tc, config_path=path, overrides=["search.num_samples=2"])
     assert f"interrupted: continue with: {resume}" in capsys.readouterr().out
 
     # The first Ctrl-C: Tune saves its state and fit() returns the trials so far.
     partial = FakeGrid([fake_result("t1", 0.02, [0.5]), fake_result("t2", 0.01, [])], 1)
-    monkeypatch.setattr(tune, "_fit", lambda *args: (partial, True))
+    monkeypatch.setattr(tune.run, "_fit", lambda *args: (partial, True))
     with pytest.raises(KeyboardInterrupt):
         tune.run_tune(tc, config_path=path, overrides=["search.num_samples=2"])
     out = capsys.readouterr().out
@@ -325,7 +415,7 @@ def test_tune_command_exits_130_on_ctrl_c(tmp_path, tiny_shards, monkeypatch):
 
 def test_interrupt_watch_drops_tunes_restore_hint(caplog):
     logger = logging.getLogger("ray.tune.tune")
-    with caplog.at_level(logging.INFO), tune._watch_interrupt() as watch:
+    with caplog.at_level(logging.INFO), tune.run._watch_interrupt() as watch:
         logger.info("Total run time: 12.00 seconds")
         assert not watch.seen
         logger.warning(
@@ -433,4 +523,7 @@ def test_routing_search_reports_accuracy_step_time_and_parameters_per_algorithm(
         assert [r["routing"] for r in csv.DictReader(f)] == ["dynamic", "uniform"]
     assert "per routing algorithm" in capsys.readouterr().out
     best = yaml.safe_load((tmp_path / "exp" / "best-config.yaml").read_text())
-    assert best["model"]["routing"] == {"name": "dynamic", "iterations": 3}
+    routing = best["model"]["routing"]  # written in full: the chosen algorithm's keys only
+    assert (routing["name"], routing["iterations"]) == ("dynamic", 3)
+    assert set(routing) == set(ROUTINGS["dynamic"].keys)
+    assert load_config(tmp_path / "exp" / "best-config.yaml").model.routing.iterations == 3
