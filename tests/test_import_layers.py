@@ -1,8 +1,12 @@
 """Data flows downwards only: no module imports from a layer above its own.
 
 Layers, bottom to top (a module may import its own layer and any below):
-    capscore -> schema/torch_utils/figures -> data -> config/evaluate -> train
-    -> tune/submit -> commands -> cli
+    capscore -> schema/torch_utils/figures -> data -> config -> train/evaluate
+    -> report/tune/submit -> commands -> cli
+
+evaluate sits beside train: the loop evaluates every epoch, and evaluating a checkpoint reads
+it with pipeline.train.checkpoint. Commands import no other command (what two share lives with
+its owner below them).
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ LAYERS = [  # (rank, module prefixes)
     (0, ("capscore",)),
     (1, ("pipeline.schema", "pipeline.torch_utils", "pipeline.figures")),
     (2, ("pipeline.data",)),
-    (3, ("pipeline.config", "pipeline.evaluate", "pipeline.report")),
-    (4, ("pipeline.train",)),
-    (5, ("pipeline.tune", "pipeline.submit")),
+    (3, ("pipeline.config",)),
+    (4, ("pipeline.train", "pipeline.evaluate")),
+    (5, ("pipeline.report", "pipeline.tune", "pipeline.submit")),
     (6, ("pipeline.commands",)),
     (7, ("pipeline.cli",)),
 ]
@@ -77,3 +81,22 @@ def test_no_import_from_a_layer_above(name, path):
 def test_the_package_roots_are_layered():
     # `from pipeline import tune` names pipeline.tune; `import pipeline` alone names no layer.
     assert rank("pipeline.tune") == 5 and rank("pipeline.data.loader") == 2
+
+
+COMMAND_MODULES = [(n, p) for n, p in modules() if n.startswith("pipeline.commands.")]
+
+
+@pytest.mark.parametrize("name, path", COMMAND_MODULES, ids=[n for n, _ in COMMAND_MODULES])
+def test_commands_do_not_import_each_other(name, path):
+    """A command is a thin parser + handler over the layers below; what two commands share
+    lives with its owner there (pipeline.evaluate, ...), not in one of them."""
+    others = {n for n, _ in COMMAND_MODULES} - {name}
+    package = name.rsplit(".", 1)[0]
+    shared = sorted(imported(path, package) & others)
+    assert not shared, f"{name} imports another command: {shared}"
+
+
+def test_every_command_module_is_checked():
+    # `from pipeline.commands import eval` names pipeline.commands.eval (see `imported`).
+    assert {"pipeline.commands.eval", "pipeline.commands.report"} <= {n for n, _ in COMMAND_MODULES}
+    assert "pipeline.commands.eval" in imported(ROOT / "pipeline/cli.py", "pipeline")

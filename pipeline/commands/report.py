@@ -8,12 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commands import HelpFormatter
-from pipeline.commands.eval import resolve_device, training_label_kind
 from pipeline.config import ConfigError
 from pipeline.data import DatasetInfo, load_dataset_info
-from pipeline.evaluate import IncompatibleDataError, check_compatible
+from pipeline.evaluate import (
+    IncompatibleDataError,
+    check_compatible,
+    checkpoint_file,
+    resolve_device,
+    training_label_kind,
+)
 from pipeline.report import SECTIONS, ReportModel, ReportSettings, write_report
-from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 DEFAULTS = ReportSettings()
 
@@ -104,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     )
     device = resolve_device(args.device)  # before the (slow) checkpoint and data are read
     given = {"--checkpoint": args.checkpoint, "--baseline": args.baseline}
-    payloads = {opt: read_checkpoint(path) for opt, path in given.items() if path}
+    payloads = {opt: read_checkpoint(path, opt) for opt, path in given.items() if path is not None}
     if "--baseline" in payloads and payloads["--baseline"][1]["model_kind"] != "cnn":
         raise ConfigError(
             f"--baseline {args.baseline}: a {payloads['--baseline'][1]['model_kind']} "
@@ -119,9 +124,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_checkpoint(path: str) -> tuple[Path, dict[str, Any]]:
-    """(the checkpoint.pt, its contents): a one-line error for a missing or unreadable one."""
-    ckpt = resolve_checkpoint(path).resolve()
+def read_checkpoint(path: str, option: str) -> tuple[Path, dict[str, Any]]:
+    """(the checkpoint.pt, its contents): a one-line error for an empty, missing or
+    unreadable one."""
+    ckpt = checkpoint_file(path, option)
     return ckpt, load_checkpoint(ckpt)
 
 

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from pipeline.commands import HelpFormatter
-from pipeline.commands.eval import evaluate_checkpoint
 from pipeline.config import load_config
 from pipeline.data import ShardsConfig, load_dataset_info, write_shards
+from pipeline.evaluate import evaluate_checkpoint
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 MNIST_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")

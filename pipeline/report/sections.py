@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from capscore import ROUTINGS, CapsNet
 from pipeline.data import Batch, DataError, DatasetInfo, urls
 from pipeline.data.tario import iter_samples
 from pipeline.evaluate import align_predictions, correct_predictions
@@ -203,39 +204,34 @@ class IterationRow:
     """Mean wall time of one forward pass over a batch (after one warm-up pass)."""
 
 
-def routing_iterations(model: nn.Module) -> int | None:
-    """The model's routing iterations, or None when its routing has no `iterations`."""
-    routing = getattr(getattr(model, "classes", None), "routing", None)
-    config = getattr(routing, "config", None)
-    return getattr(config, "iterations", None) if config is not None else None
+def routing_iterations(model: CapsNet) -> int | None:
+    """The iterations the CapsNet's routing was trained with, or None when its algorithm has
+    no iterations setting (ROUTINGS says which)."""
+    routing = model.config.routing
+    return routing.iterations if ROUTINGS[routing.name].has_iterations else None
 
 
 @torch.no_grad()
 def routing_sweep(
-    model: nn.Module, held: Sequence[Batch], iterations: Sequence[int] = ROUTING_ITERATIONS
+    model: CapsNet, held: Sequence[Batch], iterations: Sequence[int] = ROUTING_ITERATIONS
 ) -> list[IterationRow]:
     """Accuracy and time per batch over `held` batches (in memory, on the device) with the
-    routing run for each number of iterations at inference; the config is restored after."""
-    module = model.classes.routing
-    original = module.config
+    routing run for each number of iterations at inference (the forward pass's
+    `routing_iterations`: the model itself is left as it is)."""
     device = held[0].images.device
+    model(held[0].images)  # warm-up: first-call allocations are not routing time
     rows = []
-    try:
-        model(held[0].images)  # warm-up: first-call allocations are not routing time
-        for r in iterations:
-            module.config = dataclasses.replace(original, iterations=r)
-            correct, total, seconds = 0, 0, 0.0
-            for batch in held:
-                _sync(device)
-                start = time.perf_counter()
-                scores = model(batch.images).scores
-                _sync(device)
-                seconds += time.perf_counter() - start
-                correct += int(correct_predictions(scores.float(), batch.labels).sum())
-                total += len(batch)
-            rows.append(IterationRow(r, correct / max(total, 1), 1000 * seconds / len(held)))
-    finally:
-        module.config = original
+    for r in iterations:
+        correct, total, seconds = 0, 0, 0.0
+        for batch in held:
+            _sync(device)
+            start = time.perf_counter()
+            scores = model(batch.images, routing_iterations=r).scores
+            _sync(device)
+            seconds += time.perf_counter() - start
+            correct += int(correct_predictions(scores.float(), batch.labels).sum())
+            total += len(batch)
+        rows.append(IterationRow(r, correct / max(total, 1), 1000 * seconds / len(held)))
     return rows
 
 

@@ -14,9 +14,9 @@ import torch
 
 from capscore import build_model
 from pipeline.cli import main
-from pipeline.commands import eval as eval_command
 from pipeline.config import load_config
 from pipeline.data import ShardsConfig, load_dataset_info, write_shards
+from pipeline.evaluate import resolve_device
 from pipeline.train.checkpoint import TrainState
 
 SAMPLE_BYTES = 4 * 512  # a 12x12 sample in a shard: header + image block + header + label block
@@ -119,11 +119,11 @@ def test_unavailable_device_is_one_line_exit_2(
 def test_available_devices_resolve(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert eval_command.resolve_device("cuda:1") == torch.device("cuda", 1)
-    assert eval_command.resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("auto") == torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert eval_command.resolve_device("auto") == torch.device("cpu")
-    assert eval_command.resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 # --- issue 11 item 7: corrupt shards --------------------------------------------------------
@@ -250,3 +250,14 @@ def test_multi_hot_checkpoint_on_multi_hot_shards(capsys, tmp_path):
     assert report["label_kind"] == "multi-hot" and report["complete"]
     assert report["confusion"] is None and report["per_class_accuracy"] is None
     assert not list((run / "checkpoints" / "best").glob("*.png"))
+
+
+def test_empty_checkpoint_is_one_line_exit_2(tiny_shards, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "" must not quietly mean the current folder
+    assert main(eval_args("", tiny_shards)) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == (
+        "capsnet eval: error: --checkpoint: empty; give a checkpoint.pt, its folder, or a run "
+        "folder"
+    )
+    assert "Traceback" not in err and err.count("error:") == 1

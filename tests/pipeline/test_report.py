@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from capscore import CapsNet, CapsNetConfig, build_model
+from capscore import ROUTINGS, CapsNet, CapsNetConfig, build_model
 from pipeline import figures
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -208,6 +208,47 @@ def test_routing_sweep_restores_the_config_and_skips_routings_without_iterations
     assert S.routing_iterations(uniform) is None and S.routing_iterations(model) == 3
 
 
+def test_routing_sweep_asks_the_forward_pass_and_never_patches_the_config(tiny_shards):
+    model = CapsNet(CapsNetConfig.tiny()).eval()
+    batch = S.take_samples(open_loader(tiny_shards, "test", batch_size=8, training=False), "cpu", 8)
+    routing = model.classes.routing
+
+    class Frozen(type(routing)):  # the sweep's model is shared with the other sections
+        def __setattr__(self, name, value):
+            if name == "config":
+                raise AssertionError("routing_sweep patched the routing config")
+            super().__setattr__(name, value)
+
+    routing.__class__ = Frozen
+    asked, forward = [], model.forward
+
+    def spy(images, **kw):
+        asked.append(kw.get("routing_iterations"))
+        return forward(images, **kw)
+
+    model.forward = spy
+    rows = S.routing_sweep(model, [batch], iterations=(1, 4))
+    assert [r.iterations for r in rows] == [1, 4] and asked[-2:] == [1, 4]
+
+
+@pytest.mark.parametrize("name", sorted(ROUTINGS))
+def test_routing_iterations_follow_the_registry(name):
+    model = CapsNet(CapsNetConfig.tiny(routing={"name": name}))
+    expected = model.config.routing.iterations if ROUTINGS[name].has_iterations else None
+    assert S.routing_iterations(model) == expected
+
+
+@pytest.mark.parametrize("name", sorted(ROUTINGS))
+def test_routing_section_sweeps_exactly_the_algorithms_with_iterations(tmp_path, tiny_shards, name):
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny_shards, f"model.routing.name={name}")
+    out, text = report(tmp_path, ckpt, tiny_shards, "--sections", "routing")
+    routing = section(text, "Routing")
+    assert (out / "couplings.png").is_file()
+    skipped = f"routing {name!r} has no iterations setting" in routing
+    assert skipped != ROUTINGS[name].has_iterations
+    assert ("| iterations |" in routing) == ROUTINGS[name].has_iterations
+
+
 def test_help_lists_every_section(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["report", "--help"])
@@ -242,3 +283,17 @@ def test_bad_input_is_one_line(
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err and err.count("error:") == 1
     assert not (tmp_path / "report.md").exists()
+
+
+@pytest.mark.parametrize("option", ["--checkpoint", "--baseline"])
+def test_empty_checkpoint_is_one_line_exit_2(tmp_path, capsys, checkpoints, tiny_shards, option):
+    given = {"--checkpoint": str(checkpoints["tiny"]), "--baseline": None, option: ""}
+    args = ["report", "--shards", str(tiny_shards), "--out", str(tmp_path / "r"), *SMALL]
+    args += [word for opt, path in given.items() if path is not None for word in (opt, path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == (
+        f"capsnet report: error: {option}: empty; give a checkpoint.pt, its folder, or a run folder"
+    )
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert not (tmp_path / "r").exists()
