@@ -161,8 +161,8 @@ def check_capsnet_entrypoint(argv: list[str]) -> None:
     assert argv[:3] == ["python", "-m", "pipeline.cli"], argv
     assert (REPO / "pipeline" / "cli.py").is_file()
     args = build_parser().parse_args(argv[3:])
-    assert args.command in ("train", "tune")
-    if args.command == "train":
+    assert args.cli_command in ("train", "tune")
+    if args.cli_command == "train":
         assert (REPO / args.config).is_file(), args.config
         load_config(REPO / args.config, args.overrides)
 
@@ -224,11 +224,10 @@ def test_cluster_run_configs_load_and_say_how_to_run(path):
     text = (REPO / path).read_text()
     assert "Command" in text and "runtime" in text
     if "\nsearch:" in text:  # a Tune search config: a run config + a search section
-        from pipeline.config import parse_run_config
         from pipeline.tune import load_tune_config
 
         tc = load_tune_config(REPO / path)
-        cfg, paths = parse_run_config(tc.base), [tc.search.storage_path]
+        cfg, paths = tc.base, [tc.search.storage_path]
     else:
         cfg, paths = load_config(REPO / path), []
     for value in (cfg.data.shards, cfg.run.storage_path, *paths):  # what pipeline.submit insists on
