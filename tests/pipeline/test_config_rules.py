@@ -295,3 +295,30 @@ def test_every_imported_distribution_is_declared():
                 if not owners & names:
                     missing.setdefault(top, path.relative_to(ROOT).as_posix())
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+# --- users' configs keep working ------------------------------------------------------------
+
+OLD_STYLE = """
+data: {shards: shards/smoke, loader_workers: 1}
+model:
+  type: capsnet
+  preset: tiny
+  routing: {iterations: 2}
+train: {batch_size: 64, epochs: 2, lr: 2.0e-3}
+run: {name: smoke, num_workers: 1, max_failures: 0}
+"""
+
+
+def test_configs_written_before_the_typed_model_still_load(tmp_path):
+    """No YAML or --set key changed meaning (no deprecations needed): a config in the old
+    style (a preset plus a few fields, an explicit worker count) loads to the same model as
+    the same settings written out in full."""
+    path = tmp_path / "old.yaml"
+    path.write_text(OLD_STYLE)
+    old = load_config(path)
+    assert old.run.num_workers == 1 and old.train.batch_size == 64
+    full = parse_run_config(old.for_data((1, 12, 12), 10).to_dict())
+    assert "preset" not in full.to_dict()["model"]
+    assert full.model == old.for_data((1, 12, 12), 10).model
+    assert full.model == CapsNetConfig.tiny(routing={"iterations": 2})

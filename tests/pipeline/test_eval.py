@@ -17,20 +17,32 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data import ShardsConfig, load_dataset_info, write_shards
 from pipeline.evaluate import resolve_device
-from pipeline.train.checkpoint import TrainState
+from pipeline.train.checkpoint import CheckpointIndex, TrainState, checkpoint_name
 
 SAMPLE_BYTES = 4 * 512  # a 12x12 sample in a shard: header + image block + header + label block
 
 
-def save_run(run, shards, names=("best", "last")):
-    """run/checkpoints/<name>/checkpoint.pt of an untrained tiny CapsNet trained on `shards`."""
+def save_run(run, shards, accuracies=(0.9, 0.5)):
+    """A run folder as training writes it, by the real writers: one checkpoint folder per
+    epoch of an untrained tiny CapsNet (test accuracy as given: by default epoch 1 is the best,
+    epoch 2 the last) and the index that names them."""
     cfg = load_config(None, ["model.preset=tiny", f"data.shards={shards}"])
     info = load_dataset_info(shards)
-    model = build_model(cfg.build_model_config(info.image_shape, info.num_classes))
-    state = TrainState.create(model, cfg.train, torch.device("cpu"))
-    for name in names:
-        state.save(run / "checkpoints" / name, run_config=cfg.to_dict(), metrics={})
+    cfg = cfg.for_data(info.image_shape, info.num_classes)
+    state = TrainState.create(build_model(cfg.model), cfg.train, torch.device("cpu"))
+    index = CheckpointIndex.load(run)
+    for epoch, accuracy in enumerate(accuracies, start=1):
+        state.next_epoch = epoch
+        metrics = {"epoch": epoch, "test_accuracy": accuracy}
+        state.save(run / checkpoint_name(epoch), run_config=cfg.to_dict(), metrics=metrics)
+        index.add(checkpoint_name(epoch), epoch, accuracy, keep=len(accuracies))
+    index.save(run)
     return run
+
+
+def folder(run, which="best"):
+    """The checkpoint folder the run's index names as `which` (best or last)."""
+    return run / getattr(CheckpointIndex.load(run), which)
 
 
 def synthetic(out, **kw):
@@ -42,7 +54,7 @@ def synthetic(out, **kw):
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_shards, tmp_path_factory):
-    """runs/tiny/checkpoints/{best,last}/checkpoint.pt of an untrained tiny CapsNet."""
+    """runs/tiny/ with two checkpoints of an untrained tiny CapsNet (best: epoch 1, last: 2)."""
     return save_run(tmp_path_factory.mktemp("eval") / "tiny", tiny_shards)
 
 
@@ -64,16 +76,21 @@ def eval_args(checkpoint, shards, *extra):
     ]
 
 
-@pytest.mark.parametrize("name, given", [("best", "folder"), ("last", "checkpoint.pt")])
-def test_outputs_beside_the_checkpoint(run_dir, tiny_shards, capsys, name, given):
-    folder = run_dir / "checkpoints" / name
-    checkpoint = folder if given == "folder" else folder / "checkpoint.pt"
+@pytest.mark.parametrize(
+    "which, given", [("best", "folder"), ("last", "checkpoint.pt"), ("best", "RUN/best")]
+)
+def test_outputs_beside_the_checkpoint(run_dir, tiny_shards, capsys, which, given):
+    where = folder(run_dir, which)
+    name = where.name
+    checkpoint = {"folder": where, "checkpoint.pt": where / "checkpoint.pt"}.get(
+        given, run_dir / which
+    )
     assert main(eval_args(checkpoint, tiny_shards)) == 0
     out = capsys.readouterr().out
-    json_path, png = folder / f"eval-{name}-test.json", folder / f"confusion-{name}-test.png"
+    json_path, png = where / f"eval-{name}-test.json", where / f"confusion-{name}-test.png"
     assert f"metrics: {json_path}" in out and f"confusion matrix: {png}" in out
     report = json.loads(json_path.read_text())
-    assert report["checkpoint"] == str((folder / "checkpoint.pt").resolve())
+    assert report["checkpoint"] == str((where / "checkpoint.pt").resolve())
     assert report["shards"] == str(tiny_shards.resolve())
     assert (report["split"], report["samples"]) == ("test", 80)
     assert (report["samples_expected"], report["samples_unreadable"], report["complete"]) == (
@@ -87,15 +104,15 @@ def test_outputs_beside_the_checkpoint(run_dir, tiny_shards, capsys, name, given
     assert sum(map(sum, report["confusion"])) == 80
     assert {"margin", "reconstruction"} <= set(report["losses"])
     assert png.stat().st_size > 1000
-    # best/ and last/ no longer share (and overwrite) one PNG in checkpoints/
-    assert not list((run_dir / "checkpoints").glob("*.png"))
+    # each checkpoint's outputs in its own folder: none shared (and overwritten) in the run's
+    assert not list(run_dir.glob("*.png")) and not list(run_dir.glob("eval-*.json"))
 
 
 def test_out_folder(run_dir, tiny_shards, tmp_path):
-    best = run_dir / "checkpoints" / "best"
+    best = folder(run_dir)
     assert main(eval_args(best, tiny_shards, "--out", str(tmp_path / "o"), "--split", "train")) == 0
-    assert (tmp_path / "o" / "eval-best-train.json").is_file()
-    assert (tmp_path / "o" / "confusion-best-train.png").is_file()
+    assert (tmp_path / "o" / f"eval-{best.name}-train.json").is_file()
+    assert (tmp_path / "o" / f"confusion-{best.name}-train.png").is_file()
 
 
 @pytest.mark.parametrize(
@@ -107,7 +124,7 @@ def test_unavailable_device_is_one_line_exit_2(
 ):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    assert main(eval_args(run_dir / "checkpoints" / "best", tiny_shards, "--device", device)) == 2
+    assert main(eval_args(folder(run_dir), tiny_shards, "--device", device)) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[0] == (
         f"capsnet eval: error: --device {device}: not available here; available: auto, cpu"
@@ -134,7 +151,7 @@ def test_corrupt_shard_is_a_one_line_error_by_default(
     run_dir, corrupt_copy, capsys, tmp_path, workers
 ):
     out = tmp_path / "out"
-    args = eval_args(run_dir / "checkpoints" / "best", corrupt_copy, "--out", str(out))
+    args = eval_args(folder(run_dir), corrupt_copy, "--out", str(out))
     assert main([*args, "--loader-workers", workers]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[0] == (
@@ -149,7 +166,7 @@ def test_skipping_without_allow_partial_is_an_error_naming_the_counts(
     run_dir, corrupt_copy, capsys, tmp_path
 ):
     out = tmp_path / "out"
-    args = eval_args(run_dir / "checkpoints" / "best", corrupt_copy, "--out", str(out))
+    args = eval_args(folder(run_dir), corrupt_copy, "--out", str(out))
     assert main([*args, "--on-error", "skip"]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-2].startswith(
@@ -161,7 +178,7 @@ def test_skipping_without_allow_partial_is_an_error_naming_the_counts(
 
 
 def test_allowed_partial_result_says_over_how_many(run_dir, corrupt_copy, capsys, tmp_path):
-    best = run_dir / "checkpoints" / "best"
+    best = folder(run_dir)
     args = eval_args(best, corrupt_copy, "--out", str(tmp_path), "--on-error", "skip")
     assert main([*args, "--allow-partial"]) == 0
     captured = capsys.readouterr()
@@ -172,7 +189,7 @@ def test_allowed_partial_result_says_over_how_many(run_dir, corrupt_copy, capsys
         re.M,
     )
     assert "warning: split 'test': accuracy over 40 of 80 samples (40 unreadable)" in (captured.err)
-    report = json.loads((tmp_path / "eval-best-test.json").read_text())
+    report = json.loads((tmp_path / f"eval-{best.name}-test.json").read_text())
     assert (report["samples"], report["samples_expected"]) == (40, 80)
     assert (report["samples_unreadable"], report["complete"]) == (40, False)
     assert report["samples_skipped"] == 40 and sum(map(sum, report["confusion"])) == 40
@@ -185,7 +202,7 @@ def test_unreadable_split_is_an_error_even_with_allow_partial(
     shutil.copytree(tiny_shards, shards)
     for path in shards.glob("test-*.tar"):
         path.write_bytes(b"not a tar file" * 100)
-    args = eval_args(run_dir / "checkpoints" / "best", shards, "--out", str(tmp_path / "o"))
+    args = eval_args(folder(run_dir), shards, "--out", str(tmp_path / "o"))
     assert main([*args, "--on-error", "skip", "--allow-partial"]) == 2
     err = capsys.readouterr().err
     assert "capsnet eval: error: split 'test': none of its 80 samples could be read" in err
@@ -199,7 +216,7 @@ def test_verify_checksums(run_dir, tiny_shards, capsys, tmp_path):
     data = bytearray(path.read_bytes())
     data[600] ^= 0xFF  # a pixel: invisible to the tar parser
     path.write_bytes(bytes(data))
-    args = eval_args(run_dir / "checkpoints" / "best", shards, "--out", str(tmp_path / "o"))
+    args = eval_args(folder(run_dir), shards, "--out", str(tmp_path / "o"))
     assert main(args) == 0  # unverified: the pixel is read as it is
     capsys.readouterr()
     assert main([*args, "--verify-checksums"]) == 2
@@ -220,7 +237,7 @@ def test_verify_checksums(run_dir, tiny_shards, capsys, tmp_path):
 )
 def test_shards_that_do_not_fit_are_refused_before_reading(run_dir, capsys, tmp_path, kw, theirs):
     shards = synthetic(tmp_path / "other", **kw)
-    args = eval_args(run_dir / "checkpoints" / "best", shards, "--out", str(tmp_path / "o"))
+    args = eval_args(folder(run_dir), shards, "--out", str(tmp_path / "o"))
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[0] == (
@@ -232,7 +249,7 @@ def test_shards_that_do_not_fit_are_refused_before_reading(run_dir, capsys, tmp_
 
 def test_single_label_checkpoint_on_multi_hot_shards_is_refused(run_dir, capsys, tmp_path):
     shards = synthetic(tmp_path / "multi", multi_hot=True)
-    assert main(eval_args(run_dir / "checkpoints" / "best", shards)) == 2
+    assert main(eval_args(folder(run_dir), shards)) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[0].startswith(
         f"capsnet eval: error: checkpoint was trained on single-label data; {shards} has "
@@ -242,14 +259,15 @@ def test_single_label_checkpoint_on_multi_hot_shards_is_refused(run_dir, capsys,
 
 def test_multi_hot_checkpoint_on_multi_hot_shards(capsys, tmp_path):
     shards = synthetic(tmp_path / "multi", multi_hot=True)
-    run = save_run(tmp_path / "run", shards, names=("best",))
-    assert main(eval_args(run / "checkpoints" / "best", shards)) == 0
+    run = save_run(tmp_path / "run", shards, accuracies=(0.5,))
+    best = folder(run)
+    assert main(eval_args(best, shards)) == 0
     out = capsys.readouterr().out
     assert "over 80 of 80 samples" in out and "multi-label" in out
-    report = json.loads((run / "checkpoints" / "best" / "eval-best-test.json").read_text())
+    report = json.loads((best / f"eval-{best.name}-test.json").read_text())
     assert report["label_kind"] == "multi-hot" and report["complete"]
     assert report["confusion"] is None and report["per_class_accuracy"] is None
-    assert not list((run / "checkpoints" / "best").glob("*.png"))
+    assert not list(best.glob("*.png"))
 
 
 def test_empty_checkpoint_is_one_line_exit_2(tiny_shards, capsys, tmp_path, monkeypatch):
