@@ -438,6 +438,8 @@ class Workspace:
         if rule.kind in (RUN, RAY):
             extra = shrink(tokens, self.tier, self.root)
             self.sh(f"{text} {shlex.join(extra)}".strip(), env=env)
+        elif rule.kind == DRY_RUN and shutil.which(tokens[0], path=env["PATH"]) is None:
+            self.log.append(f"(not run: {tokens[0]} is not installed here)")
         elif rule.kind == DRY_RUN:
             extra = ["--dry-run=client", "-o", "yaml"] if key[0] == "kubectl" else ["--dry-run"]
             self.sh(

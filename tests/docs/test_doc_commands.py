@@ -10,9 +10,9 @@ prefix wins); a command without a rule fails:
 | command                                 | how it runs here                                  |
 | --------------------------------------- | ------------------------------------------------- |
 | capsnet shards / eval / report          | for real, on few samples (shrinking, below)       |
-| capsnet train / smoke without --local   | `ray` tier: for real, with Ray; fast: + --local   |
+| capsnet train / smoke without --local   | ray run: for real, with Ray; local run: + --local |
 | capsnet train --local, --dry-run, ...   | for real, every tier                              |
-| capsnet tune                            | `ray` tier: a real 1-trial search; fast: --dry-run|
+| capsnet tune                            | ray run: a real 1-trial search; local: --dry-run  |
 | capsnet submit (make train-cluster)     | + --dry-run: the config is checked and the        |
 |                                         | `ray job submit` command printed; no cluster      |
 | make TARGET                             | each line of the recipe `make -n TARGET VARS`     |
@@ -45,8 +45,15 @@ shards `--train-samples 300 --test-samples 100`; eval `--loader-workers 0`; repo
 tmp/capsnet/. A block that reads /usr/share/datasets/fashion-mnist is skipped where that is
 absent (CI installs it).
 
-Tiers: every block runs in the fast tier, a Ray start replaced as above; a block that starts
-Ray also runs as written in the `ray` tier (also `slow` with a search or two Ray starts).
+Tiers:
+* fast (no marker, seconds): every command has a rule; every
+  capsnet command of a block (make recipes expanded) parses and its config loads with its
+  --set overrides (submit: with the cluster rules); fences follow the convention; inline
+  capsnet spans name real options and make spans real targets; links resolve; README's
+  Layout names what is there; README.md is at most 200 lines; ```python blocks run.
+* `slow`: the "local" run of every block, Ray starts replaced as above (no Ray needed).
+* `ray`: the "ray" run of a block that starts Ray, as written (also `slow` with a search or
+  two Ray starts).
 """
 
 from __future__ import annotations
@@ -310,3 +317,14 @@ def test_submit_refuses_a_local_config_as_the_readme_says(monkeypatch):
     with pytest.raises(SubmitError, match="relative path"):
         validate_locally("train", Path("configs/smoke.yaml"), [])
     assert validate_locally("train", Path("configs/cluster/mnist-16gpu.yaml"), [])
+
+
+def test_training_md_lists_the_resume_safe_keys():
+    """docs/training.md names every key a resumed run may change, and no other."""
+    from pipeline.config import resume_safe_keys
+
+    text = (REPO / "docs" / "training.md").read_text()
+    section = text.split("## Rerunning resumes", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`((?:data|train|run|debug)\.[\w*]+)`", section))
+    listed -= {"train.lr"}  # named as the example of a key that may not change
+    assert listed == set(resume_safe_keys())
