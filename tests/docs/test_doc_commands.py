@@ -269,20 +269,34 @@ def test_readme_is_at_most_200_lines():
     assert len((REPO / "README.md").read_text().splitlines()) <= 200
 
 
-LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+LINK = re.compile(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)")
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    heads = [
+        line.lstrip("#").strip()
+        for line in path.read_text().splitlines()
+        if re.match(r"^#{1,6} ", line)
+    ]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
 
 
 def test_relative_links_resolve():
+    """Links to files in the repository, and to headings (#anchor), lead somewhere."""
     bad = []
     for doc in DOC_FILES:
         base = (REPO / doc).parent
         for n, line in enumerate((REPO / doc).read_text().splitlines(), start=1):
-            bad += [
-                f"{doc}:{n}: {t}"
-                for t in LINK.findall(line)
-                if "://" not in t and not (base / t).exists()
-            ]
-    assert not bad, "links to files that do not exist:\n" + "\n".join(bad)
+            for target, anchor in LINK.findall(line):
+                if "://" in target:
+                    continue
+                path = base / target if target else REPO / doc
+                if not path.exists():
+                    bad.append(f"{doc}:{n}: {target}")
+                elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+                    bad.append(f"{doc}:{n}: {target}#{anchor}: no such heading")
+    assert not bad, "links that lead nowhere:\n" + "\n".join(bad)
 
 
 def test_layout_names_what_is_there():
