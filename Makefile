@@ -36,7 +36,7 @@ install: $(STAMP)  ## create .venv and install the project with its dev tools
 test: install  ## all test tiers this machine can run (unit, slow, ray; gpu when CUDA exists)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install  ## the fast unit tier only (seconds)
+test-fast: install  ## the fast unit tier only (about a minute; no Ray, no servers, no subprocesses)
 	$(PY) -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
 
 lint: install  ## check style, lint and types over the whole tree (changes nothing)
@@ -55,7 +55,7 @@ bench: install  ## model train-step and data-loader benchmarks (see BENCHMARKS.m
 smoke: install  ## the main job, small: shards -> Ray TorchTrainer (1 worker) -> eval -> accuracy check
 	$(VENV)/bin/capsnet smoke --dataset $(DATASET) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
-train: install  ## train CONFIG on this machine (all local GPUs or CPUs; RAY_ADDRESS for a cluster)
+train: install  ## train CONFIG here: run.num_workers=auto = every local GPU, else one CPU worker (RAY_ADDRESS: a cluster)
 	$(VENV)/bin/capsnet train --config $(or $(CONFIG),configs/mnist.yaml) $(ARGS)
 
 tune: install  ## Ray Tune search TUNE_CONFIG on this machine (or RAY_ADDRESS)
