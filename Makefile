@@ -36,7 +36,7 @@ install: $(STAMP)  ## create .venv and install the project with its dev tools
 test: install  ## all test tiers this machine can run (unit, slow, ray; gpu when CUDA exists)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install  ## the fast unit tier only (about a minute; no Ray, no servers, no subprocesses)
+test-fast: install  ## the fast tier only (about a minute: unit tests; no Ray, no S3 server, no DDP)
 	$(PY) -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
 
 lint: install  ## check style, lint and types over the whole tree (changes nothing)
