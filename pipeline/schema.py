@@ -122,7 +122,11 @@ def error_lines(
             msg = msg.split(" must be ", 1)[-1]
             msg = f"must be {msg}"
         key = ".".join([*prefix, *loc])
-        shown = "" if e["type"] == "missing" or isinstance(given, dict) else f" (got {given!r})"
+        shown = (
+            ""
+            if e["type"] == "missing" or isinstance(given, dict) or repr(given) in msg
+            else f" (got {given!r})"
+        )
         lines.append(f"{key}: {msg}{shown}{tail}" if key else msg)
     return lines
 
