@@ -20,7 +20,9 @@ from pipeline.config import (
     RunConfig,
     absolute_path,
     apply_overrides,
+    blame,
     load_yaml,
+    parse_overrides,
     parse_run_config,
     place,
 )
@@ -216,7 +218,7 @@ def load_tune_config(path: str | Path, overrides: list[str] | tuple[str, ...] = 
     if search is not None and base is not None:
         errors += _check_space(base, search) + _check_scheduler(base, search)
     if errors:
-        raise_config_error(errors, str(path))
+        raise blame(errors, str(path), list(parse_overrides(overrides)))
     return TuneConfig(base=base, search=search)
 
 

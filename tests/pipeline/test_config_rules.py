@@ -322,3 +322,11 @@ def test_configs_written_before_the_typed_model_still_load(tmp_path):
     assert "preset" not in full.to_dict()["model"]
     assert full.model == old.for_data((1, 12, 12), 10).model
     assert full.model == CapsNetConfig.tiny(routing={"iterations": 2})
+
+
+def test_search_errors_from_set_are_not_blamed_on_the_file():
+    from pipeline.tune import load_tune_config
+
+    with pytest.raises(ConfigError) as err:
+        load_tune_config(ROOT / "configs" / "tune-smoke.yaml", ["train.lrr=1"])
+    assert str(err.value).startswith("--set train.lrr: unknown key (did you mean 'lr'?)")
