@@ -29,7 +29,9 @@ def test_every_shipped_config_validates_and_says_how_to_run(path):
     assert "Command" in text and "runtime" in text.lower(), (
         f"{path} must state its command and runtime"
     )
-    assert "# Expected result:" in text, f"{path} must state its expected result (or 'not measured')"
+    assert "# Expected result:" in text, (
+        f"{path} must state its expected result (or 'not measured')"
+    )
 
 
 def test_overrides_parse_yaml_and_coerce_numbers():
