@@ -9,6 +9,7 @@ the model's family and config, and the epoch's metrics.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -182,15 +183,23 @@ class CheckpointIndex:
     def best(self) -> str | None:
         if not self.entries:
             return None
-        return max(
-            self.entries, key=lambda n: (self.entries[n]["test_accuracy"], self.entries[n]["epoch"])
-        )
+        return max(self.entries, key=self._rank)
+
+    def _rank(self, name: str) -> tuple[bool, float, float]:
+        """Ray Train's order (ray/train/_internal/checkpoint_manager.py: `_get_checkpoint_score`
+        and `_insert_into_sorted_list`, which v2's manager also uses): NaN below every score,
+        and on equal scores the newer checkpoint ranks higher."""
+        entry = self.entries[name]
+        accuracy = entry["test_accuracy"]
+        if math.isnan(accuracy):
+            return (False, -math.inf, entry["epoch"])
+        return (True, accuracy, entry["epoch"])
 
     def add(self, name: str, epoch: int, test_accuracy: float, keep: int) -> list[str]:
         """Record a new checkpoint; returns the names that the keep rule drops."""
         self.entries[name] = {"epoch": epoch, "test_accuracy": test_accuracy}
         self.last = name
-        ranked = sorted(self.entries, key=lambda n: self.entries[n]["test_accuracy"], reverse=True)
+        ranked = sorted(self.entries, key=self._rank, reverse=True)
         kept = set(ranked[:keep]) | {name}
         dropped = [n for n in self.entries if n not in kept]
         for n in dropped:
