@@ -116,7 +116,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint.pt (or a folder holding one) safely: tensors and plain data only."""
+    """Read a checkpoint.pt (or a folder holding one) safely: tensors and plain data only.
+
+    A file that is not a usable checkpoint raises CheckpointError; an error reading it from
+    storage raises OSError (naming the file), which is not a reason to use another one."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
@@ -124,6 +127,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:  # the storage's error (EIO, EACCES, a stale mount), not the file's
+        why = f"{type(err).__name__}: {err.strerror or err}"
+        message = f"cannot read checkpoint {path} ({why}); fix the storage and rerun"
+        # OSError(errno, ...) builds the same subclass (PermissionError for EACCES, ...)
+        raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
     except Exception as err:  # truncated, empty, not a torch file, or unsafe to unpickle
         raise CheckpointError(
             f"{path}: not a readable checkpoint ({type(err).__name__}: "

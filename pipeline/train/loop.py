@@ -27,6 +27,7 @@ from pipeline.evaluate import EvalResult, IncompleteEvaluationError, evaluate, r
 from pipeline.figures import save_reconstructions
 from pipeline.torch_utils import autocast_for, unwrap
 from pipeline.train.checkpoint import (
+    CheckpointError,
     CheckpointIndex,
     TrainState,
     checkpoint_name,
@@ -548,8 +549,8 @@ def _newest_checkpoint(ctx: WorkerContext, run_dir: Path, cfg: RunConfig):
 
     The newest that loads of: Ray's latest registered checkpoint and the run folder's own
     checkpoint folders (a worker that dies right after reporting can leave Ray without the
-    newest one; a truncated file is skipped with a warning naming it). Only when the run has
-    none, `run.resume_from`.
+    newest one; a truncated file is skipped with a warning naming it, an OSError fails). Only
+    when the run has none, `run.resume_from`.
     """
     candidates = [ctx.latest_checkpoint(), *sorted(run_dir.glob("checkpoint_*/checkpoint.pt"))]
     found: dict[Path, dict[str, Any]] = {}
@@ -558,7 +559,9 @@ def _newest_checkpoint(ctx: WorkerContext, run_dir: Path, cfg: RunConfig):
             continue
         try:
             found[path] = load_checkpoint(path)
-        except Exception as err:  # truncated, empty or not a checkpoint: use an older one
+        except CheckpointError as err:  # truncated, empty or not a checkpoint: use an older one
+            # (an OSError is the storage's, not the file's: it fails the run, since an older
+            # checkpoint would drop the later epochs' metrics and overwrite their folders)
             print(
                 f"[capsnet] warning: skipping checkpoint {path}: cannot load it "
                 f"({type(err).__name__}: {err})",

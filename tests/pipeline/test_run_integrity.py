@@ -4,6 +4,7 @@ errors, metrics.jsonl with a torn last line, fatal.json, temp folders."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,59 @@ def test_keep_one_tie_names_the_newer_best() -> None:
     assert index.best == checkpoint_name(2)
     assert set(index.entries) == {checkpoint_name(2), checkpoint_name(3)}
 
+
+# --- resume: only a corrupt checkpoint is skipped, an I/O error fails --------------------------
+
+
+def _run_with_two_checkpoints(run_dir: Path, shards: Path) -> Path:
+    """A run folder with checkpoints after epochs 1 and 2 (the real writer); returns epoch 2's."""
+    import torch
+
+    from capscore import build_model
+    from pipeline.config import load_config
+    from pipeline.data import load_dataset_info
+    from pipeline.train.checkpoint import TrainState
+
+    cfg = load_config(None, ["model.preset=tiny", f"data.shards={shards}"])
+    info = load_dataset_info(shards)
+    cfg = cfg.for_data(info.image_shape, info.num_classes)
+    state = TrainState.create(build_model(cfg.model), cfg.train, torch.device("cpu"))
+    for epoch in (1, 2):
+        state.next_epoch = epoch
+        path = state.save(run_dir / checkpoint_name(epoch), run_config={}, metrics={})
+    return path
+
+
+def test_truncated_newest_checkpoint_is_skipped(tmp_path: Path, tiny_shards, capsys) -> None:
+    from pipeline.train.context import LocalContext
+    from pipeline.train.loop import _newest_checkpoint
+
+    newest = _run_with_two_checkpoints(tmp_path, tiny_shards)
+    newest.write_bytes(newest.read_bytes()[:100])  # a kill mid-write of a copy
+    path, ckpt = _newest_checkpoint(LocalContext(tmp_path), tmp_path, cfg=None)
+    assert ckpt["next_epoch"] == 1
+    assert f"skipping checkpoint {newest}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "denied"), OSError(5, "I/O error")])
+def test_io_error_on_newest_checkpoint_fails(
+    tmp_path: Path, tiny_shards, monkeypatch, error
+) -> None:
+    """An OSError is the storage's, not the file's: resuming from an older checkpoint would
+    drop the later epochs' metrics and overwrite their folders."""
+    import pipeline.train.checkpoint as checkpoint
+    from pipeline.train.context import LocalContext
+    from pipeline.train.loop import _newest_checkpoint
+
+    newest = _run_with_two_checkpoints(tmp_path, tiny_shards)
+    real_load = checkpoint.torch.load
+
+    def load(path, *args, **kwargs):
+        if Path(path) == newest:
+            raise error
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "load", load)
+    with pytest.raises(OSError, match=re.escape(str(newest))) as raised:
+        _newest_checkpoint(LocalContext(tmp_path), tmp_path, cfg=None)
+    assert type(raised.value) is type(error)
