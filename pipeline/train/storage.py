@@ -235,9 +235,10 @@ class RunStorage:
     def pull(self, *, mirror: bool = False, only: Sequence[str] | None = None) -> SyncResult:
         """Download every file under `<uri>/` (but `ignore`d ones) into `local_dir`,
         overwriting local copies (each is written to a temporary file and renamed, so a
-        crash never leaves half a file). Pulled files count as pushed. `mirror=True` also
-        deletes local files the bucket does not hold. Nothing there (a fresh run): an empty
-        result. Raises StorageError (a missing bucket, credentials, ...); a no-op for local
+        crash never leaves half a file). Pulled files count as pushed. A key that would
+        write outside `local_dir` (`..`, a leading `/`) fails the pull before any download,
+        with a StorageError naming it. `mirror=True` also deletes local files the bucket does
+        not hold. Nothing there (a fresh run): an empty result. Raises StorageError (a missing bucket, credentials, ...); a no-op for local
         storage. `only`: just these files (paths relative to the run folder).
         """
         if not self.remote:
@@ -245,13 +246,17 @@ class RunStorage:
         self._require_bucket("pull from")
         selector = pafs.FileSelector(self._root, recursive=True, allow_not_found=True)
         infos = self._call("list", self.uri, lambda: self._fs.get_file_info(selector))
+        files = [
+            (info, info.path[len(self._root) + 1 :])
+            for info in sorted(infos, key=lambda i: i.path)
+            if info.type == pafs.FileType.File
+        ]
+        for info, rel in files:  # all before any download: a bad key writes nothing
+            self._require_inside(info.path, rel)
         done: list[str] = []
         total = 0
         remote: set[str] = set()
-        for info in sorted(infos, key=lambda i: i.path):
-            if info.type != pafs.FileType.File:
-                continue
-            rel = info.path[len(self._root) + 1 :]
+        for info, rel in files:
             if not rel or self._ignored(rel) or (only is not None and rel not in only):
                 continue
             remote.add(rel)
@@ -309,6 +314,21 @@ class RunStorage:
             or rel == _CHECK_KEY
             or any(fnmatch.fnmatchcase(top, p) for p in self.ignore)
         )
+
+    def _require_inside(self, key: str, rel: str) -> None:
+        """A bucket key is data, not a path we trust: one whose rest after `<uri>/` has `..`
+        or starts with `/` would make a pull write outside the run folder (rank 0's node)."""
+        parts = rel.split("/")
+        dest = (self.local_dir / rel).resolve()
+        if (
+            rel.startswith("/")
+            or ".." in parts
+            or not dest.is_relative_to(self.local_dir.resolve())
+        ):
+            raise StorageError(
+                f"cannot pull from {self.uri}: the key {key!r} names '{rel}', which leaves the "
+                f"run folder; refusing to write outside {self.local_dir} (delete that key)"
+            )
 
     def _relative(self, path: str | os.PathLike[str]) -> str:
         p = Path(path)
