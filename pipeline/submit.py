@@ -155,7 +155,8 @@ def check_reachable(address: str, env: dict[str, str], timeout: float) -> None:
     request = urllib.request.Request(f"{address}/api/version")
     token = _token_for_probe(env)
     if token and env.get("RAY_AUTH_MODE", "token") != "disabled":
-        request.add_header("Authorization", f"Bearer {token}")
+        # unredirected: urllib copies add_header headers onto redirects, also to other hosts
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             version = json.loads(response.read() or b"{}").get("ray_version", "?")

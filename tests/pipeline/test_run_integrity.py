@@ -127,3 +127,56 @@ def test_io_error_on_newest_checkpoint_fails(
     with pytest.raises(OSError, match=re.escape(str(newest))) as raised:
         _newest_checkpoint(LocalContext(tmp_path), tmp_path, cfg=None)
     assert type(raised.value) is type(error)
+
+
+# --- submit: the token stays with the host it was meant for -----------------------------------
+
+
+def _serve(handler_for) -> tuple[str, object]:
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler_for)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
+
+
+def test_reachability_probe_does_not_carry_the_token_over_a_redirect() -> None:
+    """urllib copies `add_header` headers onto a redirect, also to another host: the probe's
+    token goes to the cluster it asked, not to where that cluster's answer points."""
+    import http.server
+
+    from pipeline.submit import check_reachable
+
+    seen: dict[str, dict[str, str]] = {}
+
+    class Record(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen[self.path] = dict(self.headers)
+            body = b'{"ray_version": "9.9.9"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    other, other_server = _serve(Record)
+
+    class Redirect(Record):
+        def do_GET(self):
+            seen["first"] = dict(self.headers)
+            self.send_response(302)
+            self.send_header("Location", f"{other}/api/version")
+            self.end_headers()
+
+    first, first_server = _serve(Redirect)
+    try:
+        check_reachable(first, {"RAY_AUTH_TOKEN": "s3cr3t", "HOME": "/nonexistent"}, 5.0)
+    finally:
+        first_server.shutdown()
+        other_server.shutdown()
+    assert seen["first"].get("Authorization") == "Bearer s3cr3t"  # the cluster asked gets it
+    assert "/api/version" in seen  # the redirect was followed
+    assert not any("s3cr3t" in v for v in seen["/api/version"].values())
