@@ -39,9 +39,16 @@ FATAL_FILE = "fatal.json"
 
 
 def write_fatal(run_dir: Path, error: Exception) -> None:
+    """Write `<run_dir>/fatal.json` atomically (a temporary file renamed onto it): the driver
+    reads it after a kill too, and must find the whole error or none."""
     run_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"error": f"{type(error).__name__}: {error}"})
-    (run_dir / FATAL_FILE).write_text(text + "\n")
+    tmp = run_dir / (FATAL_FILE + ".tmp")
+    try:
+        tmp.write_text(text + "\n")
+        tmp.replace(run_dir / FATAL_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_fatal(run_dir: Path) -> str | None:
@@ -68,8 +75,12 @@ class WorkerContext:
         return model.to(self.device)
 
     def latest_checkpoint(self) -> Path | None:
-        """The checkpoint.pt the runtime says to resume from, if any."""
+        """The checkpoint.pt the runtime says to resume from, if any; the caller passes it to
+        `release_checkpoint` once it has read it."""
         raise NotImplementedError
+
+    def release_checkpoint(self, path: Path | None) -> None:
+        """Done reading what `latest_checkpoint` returned (a download is removed)."""
 
     def checkpoint_folder(self, name: str, run_dir: Path) -> Path:
         """Where rank 0 writes the checkpoint `name` of the run in `run_dir` before reporting
@@ -123,6 +134,10 @@ class LocalContext(WorkerContext):
         shutil.rmtree(self.run_dir / name, ignore_errors=True)
 
 
+RESUME_PREFIX = "capsnet-resume-"
+"""Temp folder of a checkpoint downloaded from object storage to resume from."""
+
+
 class RayContext(WorkerContext):
     """A Ray Train V2 worker."""
 
@@ -156,9 +171,13 @@ class RayContext(WorkerContext):
         if checkpoint.filesystem.type_name == "local":
             return Path(checkpoint.path) / CHECKPOINT_FILE
         # Object storage (s3:// / gs://): download it once to a local folder.
-        local = Path(tempfile.mkdtemp(prefix="capsnet-resume-"))
+        local = Path(tempfile.mkdtemp(prefix=RESUME_PREFIX))
         checkpoint.to_directory(str(local))
         return local / CHECKPOINT_FILE
+
+    def release_checkpoint(self, path: Path | None) -> None:
+        if path is not None and path.parent.name.startswith(RESUME_PREFIX):  # our download
+            shutil.rmtree(path.parent, ignore_errors=True)
 
     def checkpoint_folder(self, name: str, run_dir: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix=staging_prefix(run_dir))) / name

@@ -552,7 +552,20 @@ def _newest_checkpoint(ctx: WorkerContext, run_dir: Path, cfg: RunConfig):
     newest one; a truncated file is skipped with a warning naming it, an OSError fails). Only
     when the run has none, `run.resume_from`.
     """
-    candidates = [ctx.latest_checkpoint(), *sorted(run_dir.glob("checkpoint_*/checkpoint.pt"))]
+    latest = ctx.latest_checkpoint()
+    try:
+        found = _load_checkpoints([latest, *sorted(run_dir.glob("checkpoint_*/checkpoint.pt"))])
+    finally:
+        ctx.release_checkpoint(latest)  # read into memory: a download is not needed any more
+    if found:
+        return max(found.items(), key=lambda pc: pc[1]["next_epoch"])
+    path = resume_from_path(cfg)
+    if path is not None:
+        return path, load_checkpoint(path)
+    return None, None
+
+
+def _load_checkpoints(candidates: list[Path | None]) -> dict[Path, dict[str, Any]]:
     found: dict[Path, dict[str, Any]] = {}
     for path in candidates:
         if path is None or path in found or not path.is_file():
@@ -567,12 +580,7 @@ def _newest_checkpoint(ctx: WorkerContext, run_dir: Path, cfg: RunConfig):
                 f"({type(err).__name__}: {err})",
                 flush=True,
             )
-    if found:
-        return max(found.items(), key=lambda pc: pc[1]["next_epoch"])
-    path = resume_from_path(cfg)
-    if path is not None:
-        return path, load_checkpoint(path)
-    return None, None
+    return found
 
 
 def resume_from_path(cfg: RunConfig) -> Path | None:

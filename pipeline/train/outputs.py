@@ -147,7 +147,23 @@ def _tracker_id(name: str, run_dir: Path) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of `<run_dir>/metrics.jsonl`. A last line that does not parse is a row a kill
+    tore mid-write (rows are appended): it is dropped with a warning, and the next resume
+    rewrites the file without it. A bad line before the last raises ValueError naming it."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for n, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if n != lines[-1][0]:
+                raise ValueError(f"{path}: line {n} is not a metrics row ({err})") from None
+            print(
+                f"[capsnet] warning: {path}: dropping its last line, a row cut short by a kill "
+                f"({len(line)} characters: {line[:40]!r}...)",
+                flush=True,
+            )
+    return rows

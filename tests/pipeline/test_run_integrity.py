@@ -180,3 +180,98 @@ def test_reachability_probe_does_not_carry_the_token_over_a_redirect() -> None:
     assert seen["first"].get("Authorization") == "Bearer s3cr3t"  # the cluster asked gets it
     assert "/api/version" in seen  # the redirect was followed
     assert not any("s3cr3t" in v for v in seen["/api/version"].values())
+
+
+# --- run-folder files a kill can tear ---------------------------------------------------------
+
+
+def test_torn_last_metrics_row_is_dropped_with_a_warning(tmp_path: Path, capsys) -> None:
+    from pipeline.train.outputs import RunLog, read_metrics
+
+    rows = [{"epoch": 1, "test_accuracy": 0.5}, {"epoch": 2, "test_accuracy": 0.6}]
+    log = RunLog(tmp_path, enabled=True, report_to=[], name="tiny", config={})
+    for row in rows:
+        log.epoch(row)
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "test_acc')  # a kill in the middle of the third row's write
+    assert read_metrics(tmp_path) == rows
+    assert "metrics.jsonl" in capsys.readouterr().out
+    log = RunLog(tmp_path, enabled=True, report_to=[], name="tiny", config={})
+    log.resume(2, rows[-1])  # the resume rewrites the file without the torn row
+    log.close()
+    assert (tmp_path / "metrics.jsonl").read_text().endswith("}\n")
+    assert read_metrics(tmp_path) == rows
+
+
+def test_bad_metrics_row_before_the_last_is_an_error_naming_the_line(tmp_path: Path) -> None:
+    """Only the last line can be torn by a kill: a bad row before it is real damage."""
+    from pipeline.train.outputs import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl.* line 2"):
+        read_metrics(tmp_path)
+
+
+def test_resume_after_a_torn_metrics_row_trains_on(tiny_shards, tiny_config, tmp_path) -> None:
+    from pipeline.train.loop import run_dir_for
+    from pipeline.train.outputs import read_metrics
+    from pipeline.train.trainer import train
+
+    first = tiny_config(tiny_shards, tmp_path, "train.epochs=1")
+    train(first, local=True)
+    with open(run_dir_for(first) / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "steps')
+    train(tiny_config(tiny_shards, tmp_path), local=True)
+    assert [r["epoch"] for r in read_metrics(run_dir_for(first))] == [1, 2]
+
+
+def test_fatal_json_is_written_atomically(tmp_path: Path, monkeypatch) -> None:
+    """A write that dies half-way leaves the previous fatal.json (or none), never half one."""
+    from pipeline.train.context import FATAL_FILE, read_fatal, write_fatal
+
+    write_fatal(tmp_path, ValueError("the first"))
+    real_write_text = Path.write_text
+
+    def dies_half_way(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", dies_half_way)
+    with pytest.raises(OSError):
+        write_fatal(tmp_path, RuntimeError("the second"))
+    monkeypatch.undo()
+    assert read_fatal(tmp_path) == "ValueError: the first"
+    assert [p.name for p in tmp_path.iterdir()] == [FATAL_FILE]
+
+
+def test_downloaded_resume_checkpoint_is_removed_after_loading(
+    tmp_path: Path, tiny_shards, monkeypatch
+) -> None:
+    """Ray's checkpoint on object storage is downloaded to a capsnet-resume-* temp folder to
+    be read: once read, it is removed (each resume of a long run would leave one more)."""
+    import shutil
+    import tempfile
+    from types import SimpleNamespace
+
+    from pipeline.train.context import RayContext
+    from pipeline.train.loop import _newest_checkpoint
+
+    source = _run_with_two_checkpoints(tmp_path / "bucket", tiny_shards).parent
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+
+    class RemoteCheckpoint:  # what ray.train.get_checkpoint() returns for s3:// storage
+        filesystem = SimpleNamespace(type_name="s3")
+
+        def to_directory(self, path: str) -> None:
+            shutil.copytree(source, path, dirs_exist_ok=True)
+
+    ctx = object.__new__(RayContext)  # no Ray: only get_checkpoint is used
+    ctx._train = SimpleNamespace(get_checkpoint=RemoteCheckpoint)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _, ckpt = _newest_checkpoint(ctx, run_dir, cfg=None)
+    assert ckpt["next_epoch"] == 2
+    assert not list(temp.glob("capsnet-resume-*"))
