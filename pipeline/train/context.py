@@ -37,6 +37,9 @@ class TrainingError(RuntimeError):
 FATAL_FILE = "fatal.json"
 """In the run folder: the deterministic error that ended the run's last attempt."""
 
+LOG_FILE = "log.txt"
+"""In the run folder: what the driver's console wrote (the driver writes it, then pushes it)."""
+
 
 def write_fatal(run_dir: Path, error: Exception) -> None:
     """Write `<run_dir>/fatal.json` atomically (a temporary file renamed onto it): the driver

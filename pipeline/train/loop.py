@@ -7,6 +7,7 @@ next epoch with the same data order (the loader's order is a function of seed an
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -35,6 +36,7 @@ from pipeline.train.checkpoint import (
     resolve_checkpoint,
 )
 from pipeline.train.context import (
+    LOG_FILE,
     RayContext,
     TrainingError,
     WorkerContext,
@@ -101,10 +103,14 @@ def run_dir_for(cfg: RunConfig) -> Path:
     """Where metrics, TensorBoard events, figures and best/last checkpoints go.
 
     The run's own folder for local storage; for s3:// / gs:// storage a local staging folder
-    (Ray uploads the checkpoints, which also carry the metrics).
+    (Ray uploads the checkpoints, which also carry the metrics), one per storage URI and run:
+    `<tmp>/capsnet-runs/<name>-<hash of storage_path and name>`. Keyed by the name only, a run
+    to another bucket found the old run's files (and was planned finished).
     """
     if is_remote(cfg.run.storage_path):
-        return Path(tempfile.gettempdir()) / "capsnet-runs" / cfg.run.name
+        uri = f"{cfg.run.storage_path}/{cfg.run.name}"  # the query too: another endpoint
+        digest = hashlib.sha1(uri.encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / "capsnet-runs" / f"{cfg.run.name}-{digest}"
     return Path(absolute_path(cfg.run.storage_path)) / cfg.run.name
 
 
@@ -132,7 +138,9 @@ def _train(cfg: RunConfig, ctx: WorkerContext) -> None:
             )
     storage = _storage(cfg, run_dir, ctx)
     storage.check()
-    storage.pull()  # metrics, config, index, figures (and local runs' checkpoints)
+    # metrics, config, index, figures (and local runs' checkpoints); the bucket is the truth:
+    # staged files it lacks go, but the log the driver is writing (maybe in this folder)
+    storage.pull(mirror=True, keep=[LOG_FILE])
     info = load_dataset_info(cfg.data.shards, timeout_s=cfg.data.url_timeout_s)
     # The driver filled the model from the data already (a Tune trial's may not have): a no-op
     cfg = cfg.for_data(tuple(info.image_shape), info.num_classes)

@@ -32,7 +32,7 @@ Guarantees and limits:
   metrics rows newer than the checkpoint: a resume should drop rows past its epoch).
 * Push never deletes remote files; files removed locally stay in the bucket.
 * `pull` overwrites local files with the bucket's copies (the bucket wins) and leaves
-  local-only files alone unless `mirror=True`.
+  local-only files alone unless `mirror=True` (then it deletes them: the start of a run).
 * Entries named in `ignore` (by default Ray's own: `checkpoint_*` folders,
   `checkpoint_manager_snapshot.json`, `.validate_storage_marker`) are neither pushed nor
   pulled: they are matched against the first component of each path relative to the run
@@ -232,14 +232,26 @@ class RunStorage:
             total += sig[0]
         return SyncResult(done, total)
 
-    def pull(self, *, mirror: bool = False, only: Sequence[str] | None = None) -> SyncResult:
+    def pull(
+        self,
+        *,
+        mirror: bool = False,
+        only: Sequence[str] | None = None,
+        keep: Sequence[str] = (),
+    ) -> SyncResult:
         """Download every file under `<uri>/` (but `ignore`d ones) into `local_dir`,
         overwriting local copies (each is written to a temporary file and renamed, so a
         crash never leaves half a file). Pulled files count as pushed. A key that would
         write outside `local_dir` (`..`, a leading `/`) fails the pull before any download,
-        with a StorageError naming it. `mirror=True` also deletes local files the bucket does
-        not hold. Nothing there (a fresh run): an empty result. Raises StorageError (a missing bucket, credentials, ...); a no-op for local
-        storage. `only`: just these files (paths relative to the run folder).
+        with a StorageError naming it. Nothing there (a fresh run): an empty result. Raises
+        StorageError (a missing bucket, credentials, ...); a no-op for local storage.
+
+        Args:
+            mirror: also delete the local files (but `ignore`d ones and `keep`) that the
+                bucket does not hold, so that the bucket is the truth; with `only`, the
+                bucket's other files are not downloaded but their local copies are kept.
+            only: download just these files (paths relative to the run folder).
+            keep: local files `mirror` leaves alone (one this process is writing).
         """
         if not self.remote:
             return SyncResult()
@@ -255,11 +267,10 @@ class RunStorage:
             self._require_inside(info.path, rel)
         done: list[str] = []
         total = 0
-        remote: set[str] = set()
+        remote = {rel for _, rel in files}
         for info, rel in files:
             if not rel or self._ignored(rel) or (only is not None and rel not in only):
                 continue
-            remote.add(rel)
             dest = self.local_dir / rel
             self._call(
                 "download", self._uri_of(rel), functools.partial(self._download, info.path, dest)
@@ -269,10 +280,21 @@ class RunStorage:
             total += info.size or 0
         if mirror:
             for rel, local in self._local_files(None):
-                if rel not in remote:
+                if rel not in remote and rel not in keep:
                     local.unlink(missing_ok=True)
                     self._synced.pop(rel, None)
+                    self._remove_empty_parents(local)
         return SyncResult(done, total)
+
+    def _remove_empty_parents(self, path: Path) -> None:
+        """The folders (below `local_dir`) that deleting `path` left empty."""
+        folder = path.parent
+        while folder != self.local_dir and self.local_dir in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty
+                return
+            folder = folder.parent
 
     def remove(self, relpath: str | os.PathLike[str]) -> None:
         """Delete `<uri>/<relpath>` (a file or a folder) remotely; a no-op for local storage

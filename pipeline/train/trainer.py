@@ -16,6 +16,7 @@ from pipeline.train.console import DriverConsole, LocalConsole
 from pipeline.train.context import (
     CHECKPOINT_FILE,
     FATAL_FILE,
+    LOG_FILE,
     LocalContext,
     TrainingError,
     read_fatal,
@@ -266,7 +267,9 @@ def _prepare(cfg: RunConfig, allow_config_change: bool):
     run_dir = run_dir_for(cfg)
     storage = RunStorage(cfg.run.storage_path, cfg.run.name, run_dir, ignore=RAY_ENTRIES)
     storage.check()
-    storage.pull(only=[CONFIG_FILE, INDEX_FILE, "metrics.jsonl"])
+    # The bucket is the truth: the staging folder's files it lacks go (a run to an emptied
+    # bucket must not find the old index and be planned finished, nor carry the old log on)
+    storage.pull(only=[CONFIG_FILE, INDEX_FILE, "metrics.jsonl"], mirror=True)
     plan = plan_resume(cfg, run_dir)
     check_resume(plan, cfg, allow_config_change=allow_config_change)
     return cfg, info, run_dir, storage, plan
@@ -328,11 +331,11 @@ def train(
         f"{workers}; effective config: {run_dir / CONFIG_FILE}{filled}",
         flush=True,
     )
-    log_path = run_dir / "log.txt"
+    log_path = run_dir / LOG_FILE
     if local:  # the same loop in this process, rank 0 of 1
         with LocalConsole(log_path):
             train_loop(cfg.to_dict(), LocalContext(run_dir))
-        storage.push(["log.txt"], strict=True)
+        storage.push([LOG_FILE], strict=True)
         return summarize(cfg)
     with DriverConsole(log_path, verbose=verbose):  # Ray's chatter: log.txt only
         init_ray(num_cpus=None if os.environ.get("RAY_ADDRESS") else _local_cpus(cfg))
@@ -342,7 +345,7 @@ def train(
             failure = err
         else:
             failure = result.error
-    storage.push(["log.txt"])
+    storage.push([LOG_FILE])
     if failure is not None:
         raise TrainingError(
             f"{_last_error_line(failure)} (the whole story: {log_path})"
