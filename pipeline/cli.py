@@ -15,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pipeline.commands import eval as eval_command
 from pipeline.commands import report, shards, smoke, submit, train, tune
 from pipeline.data.info import DataError
+from pipeline.redact import redact
 from pipeline.schema import ConfigError
 from pipeline.submit import SubmitError
 from pipeline.train.context import TrainingError
@@ -49,14 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("CAPSNET_DEBUG"):
             raise
         print(
-            f"capsnet {args.cli_command}: error: {err}\n(set CAPSNET_DEBUG=1 for a traceback)",
+            f"capsnet {args.cli_command}: error: {redact(str(err))}\n"
+            "(set CAPSNET_DEBUG=1 for a traceback)",
             file=sys.stderr,
         )
         return 2
     except TrainingError as err:  # the run itself failed (e.g. a non-finite loss)
         if os.environ.get("CAPSNET_DEBUG"):
             raise
-        print(f"capsnet {args.cli_command}: training failed: {err}", file=sys.stderr)
+        print(f"capsnet {args.cli_command}: training failed: {redact(str(err))}", file=sys.stderr)
         return 1
 
 

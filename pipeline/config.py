@@ -41,6 +41,7 @@ from pydantic import (
 
 from capscore import MODELS, model_kind
 from pipeline.data.config import DataConfig
+from pipeline.redact import redact_tree
 from pipeline.schema import (
     RESUME_SAFE,
     Bool,
@@ -347,6 +348,11 @@ class RunConfig(Section):
             "model": model_to_dict(self.model, self._from_data, self._preset),
             **{k: out[k] for k in ("train", "run", "debug")},
         }
+
+    def to_record(self) -> dict[str, Any]:
+        """`to_dict()` as written to files and trackers (config.yaml, checkpoints, W&B,
+        MLflow): credentials in URIs masked (`pipeline.redact`); the run itself keeps them."""
+        return redact_tree(self.to_dict())
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:
         """A copy with keys of data/train/run/debug changed, e.g. replace(run={"num_workers":

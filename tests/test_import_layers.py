@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS = [  # (rank, module prefixes)
     (0, ("capscore",)),
-    (1, ("pipeline.schema", "pipeline.torch_utils", "pipeline.figures")),
+    (1, ("pipeline.schema", "pipeline.torch_utils", "pipeline.figures", "pipeline.redact")),
     (2, ("pipeline.data",)),
     (3, ("pipeline.config",)),
     (4, ("pipeline.train", "pipeline.evaluate")),

@@ -26,6 +26,8 @@ from urllib.request import url2pathname
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
+from pipeline.redact import redact
+
 # Large reads matter: the tar parser issues ~4 small reads per sample.
 READ_BUFFER = 1 << 20
 
@@ -41,7 +43,7 @@ class TransferError(OSError):
     """An http(s) transfer failed: an HTTP error status, a time-out, no connection."""
 
     def __init__(self, url: str, problem: str, http_status: int | None = None):
-        super().__init__(f"{url}: {problem}")
+        super().__init__(f"{redact(url)}: {problem}")
         self.url, self.problem, self.http_status = url, problem, http_status
 
 
@@ -151,6 +153,13 @@ def _curl_failure(url: str, returncode: int, stderr: bytes, timeout_s: float) ->
     return TransferError(url, f"download failed ({detail})")
 
 
+def _curl_config(url: str) -> bytes:
+    """`url` as a curl config file (read with `--config -`): a URL may carry a password or a
+    signature, and any user on the node can read a process's argv (`ps`)."""
+    quoted = url.replace("\\", "\\\\").replace('"', '\\"')
+    return f'url = "{quoted}"\n'.encode()
+
+
 class CurlStream:
     """A `curl` download read through a pipe; `stream` is the pipe (see `raw_reader`).
 
@@ -164,14 +173,17 @@ class CurlStream:
         self.url, self.timeout_s = url, timeout_s
         args = ["curl", "--fail", "--silent", "--show-error", "--location"]
         args += [*_curl_time_args(timeout_s), "--write-out", "%{stderr}http_code=%{http_code}\n"]
+        # The URL goes in on stdin (`_curl_config`), not in argv.
         self.proc = subprocess.Popen(
-            [*args, "--", url],
-            stdin=subprocess.DEVNULL,
+            [*args, "--config", "-"],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             bufsize=READ_BUFFER,
         )
-        assert self.proc.stdout is not None
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        with self.proc.stdin:
+            self.proc.stdin.write(_curl_config(url))
         self.stream: BinaryIO = self.proc.stdout
         self.closed = False
 
@@ -240,9 +252,9 @@ def probe(url: str, *, timeout_s: float | None = None) -> str | None:
     args = ["curl", "--fail", "--silent", "--show-error", "--location", "--range", "0-0"]
     args += [*_curl_time_args(timeout_s), "--max-time", f"{2 * timeout_s:g}"]
     args += ["--max-filesize", "1", "--output", os.devnull]
-    args += ["--write-out", "%{stderr}http_code=%{http_code}\n", "--", url]
+    args += ["--write-out", "%{stderr}http_code=%{http_code}\n", "--config", "-"]
     try:
-        done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        done = subprocess.run(args, input=_curl_config(url), capture_output=True, check=False)
     except OSError as err:  # no curl
         return f"cannot run curl ({err})"
     match = _HTTP_CODE.search(done.stderr)

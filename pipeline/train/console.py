@@ -16,6 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
+from pipeline.redact import redact
+
 _RAY_PREFIX = re.compile(r"^(\x1b\[[0-9;]*m)*\((\w+) pid=\d+(, ip=[^)]*)?\)(\x1b\[[0-9;]*m)*\s?")
 _END = b"\x00capsnet-console-end\x00"
 _SHOWN = re.compile(r"\[capsnet\]|\[smoke\]|^(\w+\.)*\w*(Error|Exception|Interrupt)\b:")
@@ -69,8 +71,6 @@ class DriverConsole:
         with open(read_end, "rb", buffering=0) as pipe, open(self.log_path, "ab") as log:
             pending = b""
             while chunk := pipe.read(65536):
-                log.write(chunk.replace(_END + b"\n", b""))
-                log.flush()
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 for raw in lines:
@@ -78,7 +78,8 @@ class DriverConsole:
                         self._open = False
                         self._drained.set()
                         continue
-                    line = raw.decode("utf-8", "replace")
+                    line = redact(raw.decode("utf-8", "replace"))  # whole lines: URLs intact
+                    log.write((line + "\n").encode())
                     shown = line if self.verbose else visible(line)
                     if shown is None or shown == last_shown or not self._open:
                         continue
@@ -87,6 +88,9 @@ class DriverConsole:
                         os.write(terminal, (shown + "\n").encode())
                     except OSError:
                         return
+                log.flush()
+            if pending:
+                log.write(redact(pending.decode("utf-8", "replace")).encode())
 
 
 class _Tee:
@@ -94,6 +98,7 @@ class _Tee:
         self.stream, self.log = stream, log
 
     def write(self, text: str) -> int:
+        text = redact(text)
         self.log.write(text)
         return self.stream.write(text)
 

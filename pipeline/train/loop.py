@@ -156,7 +156,11 @@ def _train(cfg: RunConfig, ctx: WorkerContext) -> None:
             )
     state.model = ctx.prepare_model(state.model)  # moves to the device; DDP when world_size > 1
     log = RunLog(
-        run_dir, enabled=rank0, report_to=cfg.run.report_to, name=cfg.run.name, config=cfg.to_dict()
+        run_dir,
+        enabled=rank0,
+        report_to=cfg.run.report_to,
+        name=cfg.run.name,
+        config=cfg.to_record(),
     )
     try:
         with ExitStack() as stack:  # closed in reverse: loaders, then the log
@@ -289,7 +293,7 @@ def _run_epoch(run: Run, epoch: int, storage: RunStorage, run_dir: Path) -> None
     if rank0:
         if _checkpoint_due(cfg, epoch):  # the figure too: both cost per epoch, not per step
             folder = ctx.checkpoint_folder(checkpoint_name(epoch + 1), run_dir)
-            state.save(folder, run_config=cfg.to_dict(), metrics=metrics)
+            state.save(folder, run_config=cfg.to_record(), metrics=metrics)
             if loaders.preview is not None:
                 _figures(unwrap(state.model), loaders.preview, device, run_dir)
                 log.image("reconstructions", run_dir / "reconstructions.png", epoch + 1)

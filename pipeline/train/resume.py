@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.config import ConfigError, RunConfig, parse_run_config, resume_safe_keys
+from pipeline.redact import redact_tree
 from pipeline.schema import flatten
 from pipeline.train.checkpoint import CheckpointIndex
 
@@ -79,7 +80,7 @@ def plan_resume(cfg: RunConfig, run_dir: Path) -> ResumePlan:
     given = flatten(raw)
     # Model fields absent from an old config come from its preset, as they did then.
     filled = [k for k in flatten(saved) if k not in given and not k.startswith("model.")]
-    diff = config_diff(saved, cfg.to_dict())
+    diff = config_diff(redact_tree(saved), cfg.to_record())  # config.yaml holds no secrets
     return ResumePlan(state, epochs_done=done, run_config=raw, diff=diff, filled=filled)
 
 
@@ -110,6 +111,6 @@ def write_config(cfg: RunConfig, run_dir: Path) -> Path:
     path = run_dir / CONFIG_FILE
     header = f"# Effective config of run {cfg.run.name!r}; rerun: capsnet train --config {path}\n"
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.write_text(header + yaml.safe_dump(cfg.to_record(), sort_keys=False))
     tmp.replace(path)
     return path
