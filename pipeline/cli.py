@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, SubmitError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, DataError, SubmitError, ValueError, OSError) as err:
         if os.environ.get("CAPSNET_DEBUG"):
             raise
         print(

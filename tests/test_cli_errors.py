@@ -63,3 +63,20 @@ def test_report_missing_checkpoint(tmp_path, capsys):
     code, err = run(capsys, "report", "--checkpoint", str(missing), "--shards", str(tmp_path))
     assert code == 2 and "no checkpoint at" in err and str(missing) in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 2  # error + debug hint
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    """An OSError reading a checkpoint (permissions, EIO) is not corruption (issue 19 item 5)
+    but still one line naming the file, not a traceback."""
+    import pipeline.train.checkpoint as checkpoint
+
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(b"x")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint.torch, "load", denied)
+    code, err = run(capsys, "eval", "--checkpoint", str(ckpt), "--shards", str(tmp_path))
+    assert code == 2 and "Permission denied" in err and str(ckpt) in err, err
+    assert "Traceback" not in err
