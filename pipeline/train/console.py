@@ -11,6 +11,7 @@ the run's `log.txt`, and only capsnet's own lines (`[capsnet] ...`, with Ray's
 from __future__ import annotations
 
 import os
+import queue
 import re
 import sys
 import threading
@@ -32,7 +33,15 @@ def visible(line: str) -> str | None:
 class DriverConsole:
     """Context manager: fds 1 and 2 -> log.txt (all) + the terminal (capsnet's lines only,
     everything with verbose=True). Lines shown twice in a row (Ray can forward a worker's
-    line twice) are shown once."""
+    line twice) are shown once.
+
+    The run never waits for the terminal: one thread drains the pipe into log.txt, another
+    echoes to the terminal from a bounded queue. A terminal that stops reading (a paused
+    ssh session, Ctrl-S) costs dropped terminal lines, counted in log.txt; one that is gone
+    (EPIPE) stops the echo only. Either way every line still reaches log.txt."""
+
+    ECHO_QUEUE = 10_000
+    """Shown lines waiting for a slow terminal before new ones are dropped."""
 
     def __init__(self, log_path: Path, *, verbose: bool = False):
         self.log_path, self.verbose = Path(log_path), verbose
@@ -40,6 +49,9 @@ class DriverConsole:
         self._thread: threading.Thread | None = None
         self._open = False
         self._drained = threading.Event()
+        self._echo: queue.Queue[str | None] = queue.Queue(self.ECHO_QUEUE)
+        self.dropped = 0
+        """Shown lines the terminal did not take in time (log.txt has them)."""
 
     def __enter__(self) -> DriverConsole:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,20 +65,20 @@ class DriverConsole:
         self._open = True
         self._thread = threading.Thread(target=self._pump, args=(read_end,), daemon=True)
         self._thread.start()
+        threading.Thread(target=self._echo_lines, daemon=True).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.write(1, _END + b"\n")  # everything before it is shown before we return
-        self._drained.wait(timeout=5.0)
+        self._drained.wait(timeout=5.0)  # (unless the terminal is not reading)
         os.dup2(self._saved[0], 1)
         os.dup2(self._saved[1], 2)
         # Processes Ray started may still hold the pipe: the pump keeps writing log.txt, and
         # echoes nothing more once the terminal is ours again.
 
     def _pump(self, read_end: int) -> None:
-        terminal = self._saved[0]
         last_shown = None
         with open(read_end, "rb", buffering=0) as pipe, open(self.log_path, "ab") as log:
             pending = b""
@@ -76,7 +88,7 @@ class DriverConsole:
                 for raw in lines:
                     if raw == _END:
                         self._open = False
-                        self._drained.set()
+                        self._put(None)  # the echo sets _drained when it gets here
                         continue
                     line = redact(raw.decode("utf-8", "replace"))  # whole lines: URLs intact
                     log.write((line + "\n").encode())
@@ -84,13 +96,38 @@ class DriverConsole:
                     if shown is None or shown == last_shown or not self._open:
                         continue
                     last_shown = shown
-                    try:
-                        os.write(terminal, (shown + "\n").encode())
-                    except OSError:
-                        return
+                    self._put(shown)
                 log.flush()
+                if self.dropped and not self._open:
+                    log.write(
+                        f"[capsnet] {self.dropped} line(s) not shown: the terminal "
+                        "was not reading\n".encode()
+                    )
+                    self.dropped = 0
             if pending:
                 log.write(redact(pending.decode("utf-8", "replace")).encode())
+
+    def _put(self, line: str | None) -> None:
+        try:
+            self._echo.put_nowait(line)
+        except queue.Full:
+            self.dropped += line is not None
+            if line is None:
+                self._drained.set()
+
+    def _echo_lines(self) -> None:
+        terminal, alive = self._saved[0], True
+        while True:
+            line = self._echo.get()
+            if line is None:
+                self._drained.set()
+                continue
+            if not alive:
+                continue
+            try:
+                os.write(terminal, (line + "\n").encode())
+            except OSError:  # the terminal is gone: keep logging, stop echoing
+                alive = False
 
 
 class _Tee:

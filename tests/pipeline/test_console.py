@@ -50,3 +50,48 @@ def test_local_console_tees_stdout(tmp_path, capsys):
         sys.stderr.write("progress bar\r")
     assert "[capsnet] epoch 1/1" in capsys.readouterr().out
     assert (tmp_path / "log.txt").read_text() == "[capsnet] epoch 1/1\n"
+
+
+def _console_over_a_stuck_terminal(tmp_path, *, hang_up: bool) -> tuple[bool, str]:
+    """Run DriverConsole while fd 1 (the terminal it echoes to) is a pipe nobody reads (a
+    paused terminal: it fills) or whose reader is gone (writes fail). Returns (whether 2,000
+    shown lines were printed within 10 s, log.txt)."""
+    import threading
+
+    read_end, write_end = os.pipe()
+    if hang_up:
+        os.close(read_end)
+    saved = os.dup(1)
+    os.dup2(write_end, 1)
+    os.close(write_end)
+    log = tmp_path / "log.txt"
+    done = threading.Event()
+    try:
+        with DriverConsole(log):
+
+            def chatter():
+                for i in range(2000):  # ~150 kB of shown lines: more than a pipe holds
+                    os.write(2, f"[capsnet] line {i} {'x' * 60}\n".encode())
+                done.set()
+
+            worker = threading.Thread(target=chatter, daemon=True)
+            worker.start()
+            finished = done.wait(timeout=10.0)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        if not hang_up:
+            os.close(read_end)
+    return finished, log.read_text()
+
+
+def test_a_paused_terminal_never_blocks_the_run(tmp_path):
+    finished, text = _console_over_a_stuck_terminal(tmp_path, hang_up=False)
+    assert finished, "prints blocked behind a terminal nobody reads"
+    assert "[capsnet] line 1999" in text  # log.txt has every line
+
+
+def test_a_terminal_that_went_away_does_not_stop_the_log(tmp_path):
+    finished, text = _console_over_a_stuck_terminal(tmp_path, hang_up=True)
+    assert finished, "prints blocked after the terminal write failed"
+    assert "[capsnet] line 1999" in text
