@@ -49,6 +49,9 @@ class DataConfig(Section):
     """Samples a loader worker process hands over at once: whole batches, at least one. The
     hand-off between processes costs per object, not per byte, so units of several batches
     keep a worker near the in-process rate (BENCHMARKS.md, "Feeding a GPU")."""
+    loader_timeout_s: Annotated[Float, Field(ge=0), RESUME_SAFE] = 600.0
+    """Longest wait for the next hand-off unit from a loader worker process before the pass
+    fails with a DataError (a backstop for a read that never returns; 0 = wait forever)."""
     persistent_workers: Annotated[Bool, RESUME_SAFE] = True
     """Keep loader worker processes alive across epochs (train and eval loader each keep
     loader_workers processes); false: start them afresh every pass."""

@@ -424,6 +424,24 @@ def _shuffled(items: Iterator[Sample], size: int, rand: Any) -> Iterator[Sample]
     yield from buffer
 
 
+def _within_time_limit(units: Iterator[Batch], data: DataConfig) -> Iterator[Batch]:
+    """The units, with DataLoader's time-out (a RuntimeError) as a DataError naming the key."""
+    while True:
+        try:
+            unit = next(units)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            if "timed out" not in str(err):
+                raise
+            raise DataError(
+                f"no data from a loader worker in {data.loader_timeout_s:g} s "
+                f"(data.loader_timeout_s={data.loader_timeout_s:g}): a shard read that never "
+                f"returns? raise the limit for slow storage, 0 to wait forever"
+            ) from None
+        yield unit
+
+
 class ShardLoader:
     """Iterable of `Batch`es (uint8 pixels and pending shifts: call `.to(device)`) for one rank
     and epoch; iterate it again for the next pass, after `set_epoch` in training. Its worker
@@ -469,10 +487,13 @@ class ShardLoader:
                 pin_memory=self.data.pin_memory,
                 prefetch_factor=self.data.prefetch_factor,
                 persistent_workers=self.data.persistent_workers,
+                timeout=self.data.loader_timeout_s,
             )
         units = iter(self._loader)  # now: the workers start preparing this pass at once
         size = self.part.batch_size
-        return (batch for unit in units for batch in unit.split(size))
+        return (
+            batch for unit in _within_time_limit(units, self.data) for batch in unit.split(size)
+        )
 
     def close(self) -> None:
         """Stop persistent worker processes now (garbage collection stops them too)."""
