@@ -43,11 +43,12 @@ def _history(result, trial: str, trial_storage: str) -> list[dict[str, Any]]:
 
 
 def _trial_error(result) -> str:
-    """Why a trial failed: Tune's error, or a deterministic failure its run reported."""
+    """Why a trial failed: Tune's error (its type: Ray's messages run to pages of tracebacks),
+    or the deterministic failure its run reported, in full ("NonFiniteLossError: ... at global
+    step 1 ...")."""
     if result.error is not None:
         return type(result.error).__name__
-    fatal = (result.metrics or {}).get(FATAL_KEY)
-    return str(fatal).split(":", 1)[0] if fatal else ""
+    return str((result.metrics or {}).get(FATAL_KEY) or "")
 
 
 def result_rows(results, tc: TuneConfig) -> list[dict[str, Any]]:
@@ -72,15 +73,17 @@ def _row(result, tc: TuneConfig, parameters: _ParameterCounts) -> dict[str, Any]
     best = (max(values) if search.mode == "max" else min(values)) if values else math.nan
     cfg = trial_config(tc.base, params)
     skipped = not_applicable(tc.base, params)
-    epochs = max((int(h.get("epoch", 0)) for h in history), default=0)
-    seconds = sum(float(h.get("epoch_time_s", 0.0)) for h in history)
+    # Tune's history of a run that failed after some epochs has a last row without them (NaN)
+    epochs = max((int(e) for h in history if _finite(e := h.get("epoch"))), default=0)
+    error = _trial_error(result)
+    seconds = sum(t for h in history if _finite(t := h.get("epoch_time_s")))
     return {
         "trial": trial,
         **{k: NOT_APPLICABLE if k in skipped else params.get(k) for k in search.space},
         f"best_{search.metric}": best,
         "epochs_run": epochs,
-        "stopped_early": result.error is None and epochs < cfg.train.epochs,
-        "error": _trial_error(result),
+        "stopped_early": not error and epochs < cfg.train.epochs,
+        "error": error,
         "step_time_ms": _step_time_ms(history),
         "parameters": parameters.get(cfg),
         "device_hours": cfg.run.num_workers * seconds / 3600.0,
@@ -164,7 +167,10 @@ def report(results, tc: TuneConfig, out_dir: Path) -> list[dict[str, Any]]:
     if not rows:
         raise RuntimeError("the search produced no trials")
     _write_csv(out_dir / "results.csv", rows)
-    print(format_table(rows))
+    print(format_table([{**r, "error": r["error"].split(":", 1)[0]} for r in rows]))
+    for row in rows:  # the table names the error; its reason on a line of its own
+        if row["error"]:
+            print(f"[capsnet] trial {row['trial']} failed: {row['error']}")
     if ROUTING_KEY in tc.search.space:
         summary = routing_summary(rows, tc.search.metric)
         _write_csv(out_dir / "routing-summary.csv", summary)

@@ -8,6 +8,7 @@ boundary, and each trial parses it back on its first line.
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, RunConfig, absolute_path, parse_run_config
 from pipeline.schema import Section
+from pipeline.train.context import FATAL_KEY
 from pipeline.tune.results import report
 from pipeline.tune.space import SearchSection, TuneConfig, check_data, trial_config
 
@@ -44,7 +46,6 @@ def trial_driver(config: dict[str, Any]) -> None:
     restored trial finds its TorchTrainer's checkpoints and resumes instead of restarting.
     """
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.train.trainer import build_trainer
 
@@ -52,8 +53,27 @@ def trial_driver(config: dict[str, Any]) -> None:
     cfg = trial_config(base, config["params"]).replace(
         run={"name": tune.get_context().get_trial_id(), "storage_path": config["trial_storage"]}
     )
-    trainer = build_trainer(cfg, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(cfg, callbacks=[report_to_tune(config["metric"])])
     trainer.fit()
+
+
+def report_to_tune(metric: str):
+    """Tune's TuneReportCallback, with the search metric as NaN in a failed run's last report.
+
+    A run that fails deterministically (a NaN loss) reports only `FATAL_KEY` and returns, so
+    that Ray does not retry it. Tune's controller raises on a result without the search metric,
+    which would end the whole search; with NaN there, the trial ends like any other, ASHA
+    ignores it (nanpercentile), and the results table lists it with the fatal reason.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ReportToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if FATAL_KEY in metrics[0]:
+                metrics = [{metric: math.nan, **m} for m in metrics]
+            super().after_report(run_context, metrics, checkpoint)
+
+    return ReportToTune()
 
 
 def max_concurrent(search: SearchSection, base: RunConfig) -> int:
@@ -241,7 +261,9 @@ def _new_tuner(tc: TuneConfig, trainable, exp_dir: str):
     search = tc.search
     base = with_absolute_paths(tc.base)
     space = param_space(search)
-    space.update(base=base.to_dict(), trial_storage=f"{exp_dir}/trial_runs")  # the Ray boundary
+    space.update(  # the Ray boundary
+        base=base.to_dict(), trial_storage=f"{exp_dir}/trial_runs", metric=search.metric
+    )
     return tune.Tuner(
         trainable,
         param_space=space,

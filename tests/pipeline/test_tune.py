@@ -22,6 +22,7 @@ from capscore import ROUTINGS
 from pipeline import tune
 from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
+from pipeline.train.context import FATAL_KEY
 from pipeline.tune import load_tune_config
 
 # capscore's tiny preset (image size from the data), with a W init that learns within 3 epochs
@@ -356,6 +357,27 @@ def test_no_best_config_without_a_finite_metric(tmp_path, tiny_shards, capsys):
     assert (tmp_path / "exp" / "results.csv").is_file() and "t1" in out  # table still printed
     assert not (tmp_path / "exp" / "best-config.yaml").exists()
     assert "no trial reported a finite test_accuracy" in out
+
+
+def test_a_failed_trial_is_listed_with_its_reason(tmp_path, tiny_shards, capsys):
+    """A run that died of a NaN loss after an epoch: Tune's last row is its fatal report (the
+    metric NaN, no epoch); the row keeps the epoch run, is not 'stopped early', and says why."""
+    tc = load_tune_config(search_config(tmp_path / "s.yaml", tiny_shards, tmp_path))
+    reason = "NonFiniteLossError: non-finite loss at global step 12 (0-based): part 'margin' = nan"
+    failed = fake_result("t1", 1.0e30, [0.1])
+    fatal_row = {"test_accuracy": math.nan, "epoch": math.nan, "epoch_time_s": math.nan}
+    failed.metrics_dataframe.append({**fatal_row, FATAL_KEY: reason, "trial_id": "t1"})
+    failed.metrics = {FATAL_KEY: reason, "test_accuracy": math.nan, "trial_id": "t1"}
+    rows = tune.report([failed, fake_result("t2", 0.01, [0.3, 0.5])], tc, tmp_path / "exp")
+    out = capsys.readouterr().out
+    assert [r["trial"] for r in rows] == ["t2", "t1"]
+    bad = rows[1]
+    assert (bad["error"], bad["epochs_run"], bad["stopped_early"]) == (reason, 1, False)
+    assert bad["best_test_accuracy"] == 0.1 and bad["device_hours"] == pytest.approx(2.0 / 3600)
+    assert rows[0]["error"] == "" and rows[0]["stopped_early"] is True  # 2 of 3 epochs
+    assert f"[capsnet] trial t1 failed: {reason}" in out
+    with open(tmp_path / "exp" / "results.csv") as f:
+        assert [r["error"] for r in csv.DictReader(f)] == ["", reason]
 
 
 def test_nan_epochs_do_not_hide_a_finite_best(tmp_path, tiny_shards, capsys):
