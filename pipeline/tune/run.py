@@ -53,7 +53,9 @@ def trial_driver(config: dict[str, Any]) -> None:
     cfg = trial_config(base, config["params"]).replace(
         run={"name": tune.get_context().get_trial_id(), "storage_path": config["trial_storage"]}
     )
-    trainer = build_trainer(cfg, callbacks=[report_to_tune(config["metric"])])
+    # A search saved before trials were told their metric resumes with the default one.
+    metric = config.get("metric", SearchSection.model_fields["metric"].default)
+    trainer = build_trainer(cfg, callbacks=[report_to_tune(metric)])
     trainer.fit()
 
 
