@@ -65,7 +65,7 @@ import pyarrow.fs as pafs
 from pipeline.config import is_remote
 from pipeline.train.checkpoint import upload_rank
 
-__all__ = ["RAY_ENTRIES", "RunStorage", "StorageError", "SyncResult"]
+__all__ = ["LOCK_KEY", "RAY_ENTRIES", "RunStorage", "StorageError", "SyncResult"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ RAY_ENTRIES = ("checkpoint_*", "checkpoint_manager_snapshot.json", ".validate_st
 
 PARTIAL = ".capsnet-partial"
 """Marks a temporary file or key (an upload or download in progress); never pushed or pulled."""
+
+LOCK_KEY = ".capsnet-lock"
+"""The run's lock (pipeline/train/lock.py): a local file, or a lease object; never synced."""
 
 _CHECK_KEY = ".capsnet-storage-check"
 _CHUNK = 8 << 20
@@ -324,6 +327,24 @@ class RunStorage:
         info = self._call("look up", self._uri_of(rel), lambda: self._fs.get_file_info(path))
         return info.type != pafs.FileType.NotFound
 
+    def read(self, relpath: str) -> bytes | None:
+        """`<uri>/<relpath>`'s bytes, None when there is no such object (remote only)."""
+        path = f"{self._root}/{self._relative(relpath)}"
+
+        def get() -> bytes | None:
+            try:
+                with self._fs.open_input_stream(path) as src:
+                    return src.read()
+            except FileNotFoundError:
+                return None
+
+        return self._call("read", self._uri_of(relpath), get)
+
+    def write(self, relpath: str, data: bytes) -> None:
+        """Put `data` on `<uri>/<relpath>`, replacing what is there (remote only)."""
+        key = f"{self._root}/{self._relative(relpath)}"
+        self._call("write to", self._uri_of(relpath), lambda: self._write_bytes(key, data))
+
     # --- internals --------------------------------------------------------------------------
 
     def _uri_of(self, rel: str) -> str:
@@ -333,7 +354,7 @@ class RunStorage:
         top = rel.split("/", 1)[0]
         return (
             PARTIAL in rel
-            or rel == _CHECK_KEY
+            or rel in (_CHECK_KEY, LOCK_KEY)
             or any(fnmatch.fnmatchcase(top, p) for p in self.ignore)
         )
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from pipeline.train.context import (
     TrainingError,
     read_fatal,
 )
+from pipeline.train.lock import RunLock
 from pipeline.train.loop import run_dir_for, train_loop
 from pipeline.train.outputs import read_metrics
 from pipeline.train.resume import CONFIG_FILE, check_resume, plan_resume, write_config
@@ -250,23 +252,30 @@ def _check_resume_from(cfg: RunConfig) -> None:
         raise ConfigError(f"run.resume_from (--resume-from): {err}") from None
 
 
-def _prepare(cfg: RunConfig, allow_config_change: bool):
-    """What `train` and `dry_run` check before Ray starts: the data (missing, empty or too
-    small splits, missing shards, checksums if asked), the storage (s3:// / gs://: the bucket
-    must exist; the run's small files come from it), --resume-from, and the resume decision
-    (a refusal raises). The model fields the config leaves to the data are filled here, once.
+def _prepare(cfg: RunConfig, allow_config_change: bool, held: ExitStack | None = None):
+    """What `train` and `dry_run` check before Ray starts: the storage (s3:// / gs://: the
+    bucket must exist; the run's small files come from it), the run's lock (pipeline/train/
+    lock.py: with `held`, taken until that stack closes; without, a live holder only raises),
+    the data (missing, empty or too small splits, missing shards, checksums if asked),
+    --resume-from, and the resume decision (a refusal raises). The model fields the config
+    leaves to the data are filled here, once.
     Returns (the filled config, dataset info, run folder, storage, plan)."""
     from pipeline.data import check_splits
 
+    run_dir = run_dir_for(cfg)
+    storage = RunStorage(cfg.run.storage_path, cfg.run.name, run_dir, ignore=RAY_ENTRIES)
+    storage.check()
+    lock = RunLock(storage)  # first: everything below reads what a live holder writes
+    if held is not None:
+        held.enter_context(lock.hold())
+    elif note := lock.check():
+        print(f"[capsnet] dry run: {note}", flush=True)
     workers = cfg.run.num_workers
     info = check_splits(
         cfg.data, batch_size=cfg.train.local_batch_size(workers), world_size=workers
     )
     cfg = cfg.for_data(tuple(info.image_shape), info.num_classes)
     _check_resume_from(cfg)
-    run_dir = run_dir_for(cfg)
-    storage = RunStorage(cfg.run.storage_path, cfg.run.name, run_dir, ignore=RAY_ENTRIES)
-    storage.check()
     # The bucket is the truth: the staging folder's files it lacks go (a run to an emptied
     # bucket must not find the old index and be planned finished, nor carry the old log on)
     storage.pull(only=[CONFIG_FILE, INDEX_FILE, "metrics.jsonl"], mirror=True)
@@ -277,8 +286,8 @@ def _prepare(cfg: RunConfig, allow_config_change: bool):
 
 def dry_run(cfg: RunConfig, *, local: bool = False, allow_config_change: bool = False) -> str:
     """What `capsnet train` would do with this config, checked as far as possible without Ray:
-    the workers, the data, the storage, --resume-from and the resume decision (a refusal
-    raises as it would)."""
+    the workers, the data, the storage, a live holder of the run's lock (looked at, not
+    taken), --resume-from and the resume decision (a refusal raises as it would)."""
     cfg, workers = resolve_workers(with_absolute_paths(cfg), local=local)
     cfg, info, run_dir, storage, plan = _prepare(cfg, allow_config_change)
     model = cfg.model
@@ -306,12 +315,29 @@ def train(
 ) -> Summary:
     """Run `capsnet train`: the TorchTrainer on Ray (default) or the same loop in-process.
 
-    Before anything starts: the data must be readable, and a run with checkpoints resumes
-    only under the resume rules (pipeline/train/resume.py); a finished run trains nothing."""
+    Before anything starts: no other live run may hold this run (pipeline/train/lock.py; the
+    lock is held until this returns or raises), the data must be readable, and a run with
+    checkpoints resumes only under the resume rules (pipeline/train/resume.py); a finished
+    run trains nothing."""
     cfg, workers = resolve_workers(with_absolute_paths(cfg), local=local)
-    # Data, storage and the resume decision now, not after Ray has started and a whole
-    # training epoch has run.
-    cfg, _, run_dir, storage, plan = _prepare(cfg, allow_config_change)
+    with ExitStack() as held:  # the run's lock: released on any exit, Ctrl-C included
+        # Data, storage, the lock and the resume decision now, not after Ray has started and
+        # a whole training epoch has run.
+        cfg, _, run_dir, storage, plan = _prepare(cfg, allow_config_change, held)
+        return _train(cfg, workers, run_dir, storage, plan, local=local, verbose=verbose)
+
+
+def _train(
+    cfg: RunConfig,
+    workers: str,
+    run_dir: Path,
+    storage: RunStorage,
+    plan,
+    *,
+    local: bool,
+    verbose: bool,
+) -> Summary:
+    """`train` after `_prepare`, under the run's lock."""
     if plan.state == "finished":
         print(
             f"[capsnet] run {cfg.run.name!r} already finished: {plan.epochs_done} of "
