@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
+import http.server
+import shutil
 import struct
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +130,35 @@ def affine_shards(tmp_path_factory, pattern_idx_dir):
         )
     )
     return out
+
+
+# --- a loopback http server over a folder ---------------------------------------------------
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _serving(folder, userinfo: str = "") -> Iterator[str]:
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed (webdataset reads http(s) through curl)")
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.handle_error = lambda *args: None  # type: ignore[method-assign] (probes hang up early)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://{userinfo}127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def serve_http():
+    """serve_http(folder, userinfo="") -> a context manager: an http server on 127.0.0.1 over
+    `folder`, yielding its URL without a trailing slash (`userinfo`, e.g. "user:pw@", goes
+    into the URL; the server ignores it)."""
+    return _serving

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import http.server
 import shutil
 import socket
 import threading
@@ -63,31 +60,9 @@ def test_pipe_and_file_urls_stream_a_shard(synthetic_dir):
             stream.close()
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _serving(folder) -> Iterator[str]:
-    """An http server over `folder`: its URL, without a trailing slash."""
-    if shutil.which("curl") is None:
-        pytest.skip("curl not installed (webdataset reads http(s) through curl)")
-    handler = functools.partial(_QuietHandler, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.handle_error = lambda *args: None  # type: ignore[method-assign] (probes hang up early)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture
-def http_root(synthetic_dir) -> Iterator[str]:
-    with _serving(synthetic_dir) as url:
+def http_root(synthetic_dir, serve_http) -> Iterator[str]:
+    with serve_http(synthetic_dir) as url:
         yield url + "/"
 
 
@@ -174,9 +149,9 @@ def test_url_time_limit_is_a_validated_config_field():
 
 
 @pytest.fixture
-def http_copy(synthetic_copy) -> Iterator[tuple[str, object]]:
+def http_copy(synthetic_copy, serve_http) -> Iterator[tuple[str, object]]:
     """(URL, folder): an http server over a private copy of the dataset."""
-    with _serving(synthetic_copy) as url:
+    with serve_http(synthetic_copy) as url:
         yield url, synthetic_copy
 
 

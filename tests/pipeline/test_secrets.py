@@ -4,12 +4,7 @@ log lines, error messages, or curl's command line (visible in `ps`)."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import http.server
-import shutil
 import subprocess
-import threading
 
 import pytest
 import torch
@@ -48,29 +43,8 @@ def test_redact_tree_reaches_nested_values():
     assert SECRET not in repr(out) and out["n"] == 3 and tree["data"]["shards"] == CASES[0][0]
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def serving(folder):
-    if shutil.which("curl") is None:
-        pytest.skip("curl not installed (webdataset reads http(s) through curl)")
-    handler = functools.partial(_Quiet, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.handle_error = lambda *args: None  # type: ignore[method-assign]
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://user:{SECRET}@127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_a_run_over_a_url_with_a_password_writes_it_nowhere(
-    tiny_shards, tiny_config, tmp_path, monkeypatch, capsys
+    tiny_shards, tiny_config, tmp_path, monkeypatch, capsys, serve_http
 ):
     argv: list[list[str]] = []
     real = subprocess.Popen
@@ -80,7 +54,7 @@ def test_a_run_over_a_url_with_a_password_writes_it_nowhere(
         return real(args, *a, **kw)
 
     monkeypatch.setattr(subprocess, "Popen", recording)
-    with serving(tiny_shards) as url:
+    with serve_http(tiny_shards, userinfo=f"user:{SECRET}@") as url:
         cfg = tiny_config(url, tmp_path, "train.epochs=1", "train.max_steps_per_epoch=2")
         train(cfg, local=True)
     out = capsys.readouterr()
